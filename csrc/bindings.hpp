@@ -1,0 +1,33 @@
+// Shared helpers of the pybind11 module (conversion only; no algorithms here).
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "sqllm/error.hpp"
+
+namespace sqllm {
+namespace bind {
+
+namespace py = pybind11;
+
+void init_kmeans(py::module_& m);
+void init_quant(py::module_& m);
+void init_cuda(py::module_& m);  // always defined; reports has_cuda() == False without nvcc
+
+/// A C-contiguous array of T, converting (copying) only when needed.  Raises
+/// TypeError naming `arg` if the input cannot be converted.
+template <class T>
+using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+/// Check the number of dimensions of `a`, naming the argument in the error.
+template <class T>
+void check_ndim(const carray<T>& a, int ndim, const char* arg) {
+  SQLLM_CHECK(a.ndim() == ndim, arg, " must be ", ndim, "-D, got ", a.ndim(), "-D");
+}
+
+}  // namespace bind
+}  // namespace sqllm

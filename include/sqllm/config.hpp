@@ -1,0 +1,19 @@
+// sqllm/config.hpp -- portability macros shared by host and device code.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SQLLM_HD __host__ __device__ __forceinline__
+#else
+#define SQLLM_HD inline
+#endif
+
+// Full unrolling hint that every compiler we build with understands.
+#if defined(__CUDACC__)
+#define SQLLM_UNROLL _Pragma("unroll")
+#elif defined(__clang__)
+#define SQLLM_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define SQLLM_UNROLL _Pragma("GCC unroll 32")
+#else
+#define SQLLM_UNROLL
+#endif

@@ -1,0 +1,133 @@
+// sqllm/lut_matmul.hpp -- CPU lookup-table matmul straight from packed codes.
+//
+//   y[b, o] = sum_i x[b, i] * Ŵ[o, i]  (+ the sparse CSR part, same pass)
+//
+// x is batch x in (row-major fp32), y is batch x out.  Ŵ is never
+// materialised: each thread decodes a few rows of codes at a time (32 codes
+// per step, packing.hpp's aligned unit) into a small fp32 buffer through the
+// row's (or the columns') lookup table and multiplies that block with every
+// batch row while it is in cache.  fp32 accumulate; OpenMP over output rows.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <vector>
+
+#include "sqllm/csr.hpp"
+#include "sqllm/dispatch.hpp"
+#include "sqllm/error.hpp"
+#include "sqllm/nuq.hpp"
+#include "sqllm/packing.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace sqllm {
+
+namespace detail {
+
+/// Decode row `o` of Ŵ into dst[0..in).
+template <int BITS, bool ROW>
+inline void decode_row(const std::uint32_t* codes, const float* tables, std::size_t in,
+                       std::size_t o, float* dst) {
+  constexpr std::size_t K = std::size_t{1} << BITS;
+  const std::size_t words = packed_words(in, BITS);
+  const std::uint32_t* row = codes + o * words;
+  const float* lut = tables + o * K;  // used when ROW
+  const std::size_t full = in / 32;
+  std::uint32_t c[32];
+  for (std::size_t blk = 0; blk < full; ++blk) {
+    decode32<BITS>(row, blk, c);
+    float* d = dst + blk * 32;
+    if (ROW) {
+      for (int j = 0; j < 32; ++j) d[j] = lut[c[j]];
+    } else {
+      const float* t = tables + blk * 32 * K;
+      for (int j = 0; j < 32; ++j) d[j] = t[j * K + c[j]];
+    }
+  }
+  for (std::size_t i = full * 32; i < in; ++i) {
+    const std::uint32_t ci = get_code(row, i, BITS);
+    dst[i] = ROW ? lut[ci] : tables[i * K + ci];
+  }
+}
+
+inline float dot(const float* a, const float* b, std::size_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (std::size_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <int BITS, bool ROW>
+void lut_matmul_impl(const float* x, std::size_t batch, std::size_t in, std::size_t out,
+                     const std::uint32_t* codes, const float* tables, const CsrView* csr, float* y,
+                     int num_threads) {
+  constexpr std::size_t RB = 4;  // rows decoded per step
+  const std::ptrdiff_t nblocks = static_cast<std::ptrdiff_t>((out + RB - 1) / RB);
+  std::exception_ptr error;
+#ifdef _OPENMP
+  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    std::vector<float> buf;
+    try {
+      buf.resize(RB * in);
+    } catch (...) {
+#pragma omp critical
+      error = std::current_exception();
+    }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (std::ptrdiff_t blk = 0; blk < nblocks; ++blk) {
+      if (buf.empty()) continue;
+      const std::size_t o0 = static_cast<std::size_t>(blk) * RB;
+      const std::size_t nr = std::min(RB, out - o0);
+      for (std::size_t r = 0; r < nr; ++r) decode_row<BITS, ROW>(codes, tables, in, o0 + r, &buf[r * in]);
+      for (std::size_t b = 0; b < batch; ++b) {
+        const float* xb = x + b * in;
+        float* yb = y + b * out;
+        for (std::size_t r = 0; r < nr; ++r) {
+          float acc = dot(&buf[r * in], xb, in);
+          if (csr != nullptr) {
+            const std::size_t o = o0 + r;
+            for (std::int32_t k = csr->row_ptr[o]; k < csr->row_ptr[o + 1]; ++k)
+              acc += half_bits_to_float(csr->values[k]) * xb[csr->col_idx[k]];
+          }
+          yb[o0 + r] = acc;
+        }
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace detail
+
+/// y = x · Ŵᵀ (+ sparse) with Ŵ given by packed codes and lookup tables.
+/// `csr` may be nullptr; it is validated here (check_csr) unless
+/// `csr_checked` is true (the caller validated it once at load time).
+inline void lut_matmul(const float* x, std::size_t batch, std::size_t in, std::size_t out,
+                       const std::uint32_t* codes, const float* tables, int bits, GroupAxis axis,
+                       const CsrView* csr, float* y, int num_threads = 0,
+                       bool csr_checked = false) {
+  check_bits(bits);
+  SQLLM_CHECK(in > 0 && out > 0, "lut_matmul: in_features and out_features must be > 0, got in=",
+              in, ", out=", out);
+  if (batch == 0) return;
+  if (csr != nullptr && !csr_checked) check_csr(*csr, out, in);
+  if (csr != nullptr && csr->nnz == 0) csr = nullptr;
+  SQLLM_DISPATCH_BITS(bits, BITS, {
+    if (axis == GroupAxis::Row)
+      detail::lut_matmul_impl<BITS, true>(x, batch, in, out, codes, tables, csr, y, num_threads);
+    else
+      detail::lut_matmul_impl<BITS, false>(x, batch, in, out, codes, tables, csr, y, num_threads);
+  })
+}
+
+}  // namespace sqllm

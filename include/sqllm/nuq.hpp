@@ -1,0 +1,123 @@
+// sqllm/nuq.hpp -- SqueezeLLM's sensitivity-weighted non-uniform quantizer.
+//
+// A weight matrix W (out x in, row-major) and a sensitivity S of the same
+// shape (the Fisher diagonal: summed squared gradients) are turned into one
+// lookup table of K = 2^bits values per group plus a b-bit code per weight:
+//
+//   GroupAxis::Row    (default, SqueezeLLM): one table per output row,
+//                      tables[o*K + k], Ŵ[o,i] = tables[o*K + code(o,i)];
+//   GroupAxis::Column (seed 002's variant): one table per input column,
+//                      tables[i*K + k], Ŵ[o,i] = tables[i*K + code(o,i)].
+//
+// Each table is the weighted 1-D k-means of its group's values with the
+// sensitivities as weights (kmeans1d.hpp), and each code indexes the table
+// entry nearest to the weight.  Codes are packed with packing.hpp's layout
+// (one bit stream per output row, codes along the input dimension) whatever
+// the grouping axis.  Groups run in parallel with OpenMP.
+//
+// A boolean `keep` mask (same shape, nullable) marks weights that are stored
+// elsewhere exactly (the sparse part of Dense-and-Sparse): they get zero
+// weight in the k-means so they do not pull the tables; they still receive the
+// nearest code, and the caller stores W - Ŵ for them.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "sqllm/error.hpp"
+#include "sqllm/kmeans1d.hpp"
+#include "sqllm/packing.hpp"
+
+namespace sqllm {
+
+enum class GroupAxis { Row, Column };
+
+inline GroupAxis parse_group_axis(const std::string& s) {
+  if (s == "row") return GroupAxis::Row;
+  if (s == "column" || s == "col") return GroupAxis::Column;
+  throw Error(detail::concat("group_axis must be 'row' or 'column', got '", s, "'"));
+}
+
+inline const char* to_string(GroupAxis a) { return a == GroupAxis::Row ? "row" : "column"; }
+
+/// Parameters of the non-uniform quantizer (documented defaults, no globals).
+struct NuqParams {
+  int bits = 3;                               ///< 1..8; table size 2^bits
+  GroupAxis axis = GroupAxis::Row;            ///< one table per output row or per input column
+  KMeansMethod method = KMeansMethod::Exact;  ///< exact DP or fast Lloyd
+  int max_iter = 50;                          ///< Lloyd iterations
+  int num_threads = 0;                        ///< OpenMP threads; <= 0: the OpenMP default
+};
+
+/// Number of lookup tables for a matrix of out x in.
+inline std::size_t nuq_num_tables(std::size_t out, std::size_t in, GroupAxis axis) {
+  return axis == GroupAxis::Row ? out : in;
+}
+
+/// Quantize W (out x in).  S may be nullptr (equal weights: plain k-means);
+/// keep may be nullptr.  Writes packed codes (out x packed_words(in, bits)
+/// words) and tables (nuq_num_tables(out, in, axis) x 2^bits floats).
+/// If group_sse is not null it receives the weighted SSE of each group.
+inline void nuq_quantize(const float* W, const float* S, const std::uint8_t* keep, std::size_t out,
+                         std::size_t in, const NuqParams& p, std::uint32_t* packed, float* tables,
+                         double* group_sse = nullptr) {
+  check_bits(p.bits);
+  SQLLM_CHECK(out > 0 && in > 0, "weight must be non-empty, got shape (", out, ", ", in, ")");
+  const std::size_t K = std::size_t{1} << p.bits;
+  const bool row = p.axis == GroupAxis::Row;
+  const std::size_t groups = row ? out : in;
+  const std::size_t len = row ? in : out;
+
+  // Group-major copies of values and weights (a transpose for column grouping).
+  std::vector<float> xv(groups * len), wv(groups * len);
+  for (std::size_t o = 0; o < out; ++o) {
+    for (std::size_t i = 0; i < in; ++i) {
+      const std::size_t src = o * in + i;
+      const std::size_t dst = row ? src : i * out + o;
+      const float w = S ? S[src] : 1.0f;
+      SQLLM_CHECK(std::isfinite(W[src]), "weight has a non-finite value ", W[src], " at (", o, ", ",
+                  i, ")");
+      SQLLM_CHECK(std::isfinite(w) && w >= 0.0f, "sensitivity must be finite and >= 0, got ", w,
+                  " at (", o, ", ", i, ")");
+      xv[dst] = W[src];
+      wv[dst] = (keep && keep[src]) ? 0.0f : w;
+    }
+  }
+
+  KMeans1DParams kp;
+  kp.k = static_cast<int>(K);
+  kp.method = p.method;
+  kp.max_iter = p.max_iter;
+  std::vector<std::uint8_t> labels(groups * len);
+  kmeans1d_rows<float, std::uint8_t>(xv.data(), wv.data(), groups, len, kp, tables, labels.data(),
+                                     group_sse, p.num_threads);
+
+  if (row) {
+    pack_codes(labels.data(), out, in, p.bits, packed);
+  } else {
+    std::vector<std::uint8_t> codes(out * in);
+    for (std::size_t i = 0; i < in; ++i)
+      for (std::size_t o = 0; o < out; ++o) codes[o * in + i] = labels[i * out + o];
+    pack_codes(codes.data(), out, in, p.bits, packed);
+  }
+}
+
+/// Ŵ from packed codes and tables (out x in, row-major).
+inline void nuq_dequantize(const std::uint32_t* packed, const float* tables, std::size_t out,
+                           std::size_t in, int bits, GroupAxis axis, float* W) {
+  check_bits(bits);
+  const std::size_t K = std::size_t{1} << bits;
+  const std::size_t words = packed_words(in, bits);
+  for (std::size_t o = 0; o < out; ++o) {
+    const std::uint32_t* row = packed + o * words;
+    for (std::size_t i = 0; i < in; ++i) {
+      const std::uint32_t c = get_code(row, i, bits);
+      W[o * in + i] = axis == GroupAxis::Row ? tables[o * K + c] : tables[i * K + c];
+    }
+  }
+}
+
+}  // namespace sqllm

@@ -1,0 +1,103 @@
+"""sqllm: post-training weight quantization of LLMs with C++/CUDA kernels.
+
+Main entry points::
+
+    import sqllm
+    model = sqllm.quantize(model, method="squeezellm", bits=3,
+                           calibration="austen:emma", tokenizer=tok)
+    sqllm.save_quantized(model, "out/", tokenizer=tok)
+    model = sqllm.load_quantized("out/")
+
+See README.md and docs/ for the formats and algorithms.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Tuple
+
+import numpy as np
+
+from . import _C
+from .api import FORMAT_VERSION, quantize, size_report
+from .calibration import find_linear_layers, fisher_diagonal
+from .io import load_quantized, read_quantization_config, save_quantized
+from .methods import METHODS, QuantMethod, get_method, register_method
+from .nn import FORMATS, QuantLinear, QuantLinearBase, register_format
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMATS",
+    "FORMAT_VERSION",
+    "METHODS",
+    "QuantLinear",
+    "QuantLinearBase",
+    "QuantMethod",
+    "find_linear_layers",
+    "fisher_diagonal",
+    "get_method",
+    "has_cuda",
+    "kmeans1d",
+    "load_quantized",
+    "quantize",
+    "read_quantization_config",
+    "register_format",
+    "register_method",
+    "save_quantized",
+    "size_report",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def has_cuda() -> bool:
+    """True when the CUDA kernels were compiled in and a CUDA device is visible."""
+    return bool(_C.cuda_compiled()) and int(_C.cuda_device_count()) > 0
+
+
+def kmeans1d(values, weights=None, k: int = 8, method: str = "exact",
+             max_iter: int = 50) -> Tuple[np.ndarray, np.ndarray]:
+    """Weighted 1-D k-means.
+
+    Parameters
+    ----------
+    values : array_like (n,)
+        NumPy array or torch tensor of floats (no NaN/Inf).
+    weights : array_like (n,), optional
+        Non-negative weights (None: all ones; all zero: treated as all ones).
+    k : int
+        Number of clusters.
+    method : {"exact", "lloyd"}
+        "exact": the globally optimal weighted SSE (dynamic programming);
+        "lloyd": fast Lloyd iterations on sorted values from a near-optimal start.
+
+    Returns
+    -------
+    (centroids float32 (k,), ascending; labels int32 (n,), the nearest centroid)
+    """
+    x = _as_1d_float(values, "values")
+    w = None if weights is None else _as_1d_float(weights, "weights")
+    if w is not None and w.shape != x.shape:
+        raise ValueError(f"values and weights must have the same shape, got {x.shape} and {w.shape}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if method not in ("exact", "lloyd"):
+        raise ValueError(f"method must be 'exact' or 'lloyd', got {method!r}")
+    centroids, labels, _ = _C.kmeans1d(x, w, int(k), method, int(max_iter))
+    return centroids, labels
+
+
+def _as_1d_float(a, name: str) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)

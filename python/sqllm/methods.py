@@ -1,0 +1,156 @@
+"""Quantization methods, by name.
+
+A method turns one ``nn.Linear`` (plus statistics gathered once per model) into
+a layer of the QuantLinear family.  New methods (VPTQ, PTQ1.61, GPTQ, ...)
+register with :func:`register_method` and are then reachable through
+``sqllm.quantize(model, method=...)`` and the CLI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Dict, Optional, Type
+
+import torch
+from torch import nn
+
+from .nn import QuantLinear, QuantLinearBase
+
+__all__ = ["QuantMethod", "METHODS", "register_method", "get_method", "SqueezeLLM", "RTN"]
+
+log = logging.getLogger(__name__)
+
+METHODS: Dict[str, Type["QuantMethod"]] = {}
+
+
+def register_method(cls: Type["QuantMethod"]) -> Type["QuantMethod"]:
+    """Class decorator: make a method reachable by its ``name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Type["QuantMethod"]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+@dataclasses.dataclass
+class QuantMethod:
+    """Base of all methods.  Options are dataclass fields (documented defaults).
+
+    Subclasses set ``name``, say whether they need calibration data
+    (``needs_calibration``), and implement :meth:`quantize_layer`; methods that
+    need statistics implement :meth:`collect` (called once per model).
+    """
+
+    name = ""
+    needs_calibration = False
+
+    bits: int = 3
+
+    def collect(self, model: nn.Module, layers: Dict[str, nn.Linear],
+                batches: Optional[torch.Tensor], progress: bool) -> Dict[str, Any]:
+        return {}
+
+    def quantize_layer(self, name: str, linear: nn.Linear,
+                       stats: Dict[str, Any]) -> QuantLinearBase:
+        raise NotImplementedError
+
+    def config(self) -> Dict[str, Any]:
+        """The options recorded in ``quantization_config``."""
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+@register_method
+@dataclasses.dataclass
+class SqueezeLLM(QuantMethod):
+    """Sensitivity-weighted non-uniform quantization (+ Dense-and-Sparse).
+
+    Attributes
+    ----------
+    bits : int
+        Code width (2, 3, 4 are SqueezeLLM's; 1..8 accepted).
+    group_axis : {"row", "column"}
+        One lookup table per output row (SqueezeLLM) or per input column.
+    kmeans : {"exact", "lloyd"}
+        Exact optimal weighted 1-D k-means, or fast Lloyd refinement.
+    sparsity : float
+        Fraction of each matrix kept in fp16 (0.0045 = SqueezeLLM's 0.45%).
+    sensitive_fraction : float
+        Share of the sparse budget given to the most sensitive values; the rest
+        goes to magnitude outliers (1/9: 0.45% = 0.40% outliers + 0.05% sensitive).
+    weighted : bool
+        Weight the k-means by the Fisher diagonal (False = plain k-means, no
+        calibration needed).
+    """
+
+    name = "squeezellm"
+    needs_calibration = True
+
+    group_axis: str = "row"
+    kmeans: str = "exact"
+    sparsity: float = 0.0
+    sensitive_fraction: float = 1.0 / 9.0
+    weighted: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.weighted:
+            self.needs_calibration = False
+
+    def collect(self, model: nn.Module, layers: Dict[str, nn.Linear],
+                batches: Optional[torch.Tensor], progress: bool) -> Dict[str, Any]:
+        if not self.weighted:
+            return {}
+        from .calibration import fisher_diagonal
+
+        if batches is None:
+            raise ValueError("squeezellm needs calibration data for the Fisher diagonal "
+                             "(pass calibration=..., a precomputed sensitivity=, or weighted=False)")
+        return {"fisher": fisher_diagonal(model, batches, layers, progress=progress)}
+
+    def quantize_layer(self, name: str, linear: nn.Linear,
+                       stats: Dict[str, Any]) -> QuantLinearBase:
+        fisher = stats.get("fisher", {}).pop(name, None) if self.weighted else None
+        if self.weighted and fisher is None:
+            raise ValueError(f"no sensitivity for layer {name!r}")
+        return QuantLinear.from_linear(linear, bits=self.bits, sensitivity=fisher,
+                                       group_axis=self.group_axis, kmeans=self.kmeans,
+                                       sparsity=self.sparsity,
+                                       sensitive_fraction=self.sensitive_fraction)
+
+
+@register_method
+@dataclasses.dataclass
+class RTN(QuantMethod):
+    """Baseline: round-to-nearest onto a uniform min-max grid per output row.
+
+    Stored in the same lookup-table format (a uniform table is a special
+    case), so it runs on the same kernels and compares like for like.
+    """
+
+    name = "rtn"
+
+    def quantize_layer(self, name: str, linear: nn.Linear,
+                       stats: Dict[str, Any]) -> QuantLinearBase:
+        from . import _C
+        import numpy as np
+
+        w = linear.weight.detach().to("cpu", torch.float32)
+        if not torch.isfinite(w).all():
+            raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
+        levels = 2 ** self.bits
+        lo = w.min(dim=1, keepdim=True).values
+        hi = w.max(dim=1, keepdim=True).values
+        scale = (hi - lo).clamp_min(1e-12) / (levels - 1)
+        codes = torch.round((w - lo) / scale).clamp_(0, levels - 1).to(torch.uint8)
+        table = lo + scale * torch.arange(levels, dtype=torch.float32)
+        out_f, in_f = w.shape
+        layer = QuantLinear(in_f, out_f, self.bits, "row", bias=linear.bias is not None,
+                            bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32)
+        packed = _C.pack_codes(codes.numpy(), self.bits)
+        layer.qweight.copy_(torch.from_numpy(packed.view(np.int32)))
+        layer.lookup_table.copy_(table)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer

@@ -1,0 +1,397 @@
+"""The QuantLinear family: drop-in replacements for ``torch.nn.Linear``.
+
+Every quantized layer derives from :class:`QuantLinearBase`, which owns what
+all formats share (shapes, bias, input checks, dtype handling, the layer entry
+of ``quantization_config``, size accounting, which kernel runs).  A format adds
+its buffers, ``dequantize()`` and ``_matmul()``.  Formats register themselves
+in :data:`FORMATS` by name so that a saved model can be rebuilt from its config.
+
+:class:`QuantLinear` is SqueezeLLM's lookup-table format (``"lut"``): packed
+b-bit codes plus one 2^b-entry table per output row (or per input column),
+with an optional Dense-and-Sparse CSR part.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _C
+
+__all__ = ["QuantLinearBase", "QuantLinear", "FORMATS", "register_format", "layer_from_config"]
+
+log = logging.getLogger(__name__)
+
+FORMATS: Dict[str, Type["QuantLinearBase"]] = {}
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def register_format(cls: Type["QuantLinearBase"]) -> Type["QuantLinearBase"]:
+    """Class decorator: make a QuantLinear format loadable by its ``format`` name."""
+    FORMATS[cls.format] = cls
+    return cls
+
+
+def layer_from_config(cfg: Dict[str, Any]) -> "QuantLinearBase":
+    """Build an empty layer (buffers of the right shapes) from its config entry."""
+    fmt = cfg.get("format")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantized layer format {fmt!r}; known: {sorted(FORMATS)}")
+    return FORMATS[fmt].from_config(cfg)
+
+
+def _check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+    if not 1 <= int(bits) <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return int(bits)
+
+
+def _check_axis(group_axis: str) -> str:
+    if group_axis == "col":
+        group_axis = "column"
+    if group_axis not in ("row", "column"):
+        raise ValueError(f"group_axis must be 'row' or 'column', got {group_axis!r}")
+    return group_axis
+
+
+class QuantLinearBase(nn.Module):
+    """Shared machinery of quantized linear layers (y = x Wᵀ + b)."""
+
+    format: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 bias_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(
+                f"in_features and out_features must be > 0, got {in_features}, {out_features}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
+        else:
+            self.bias = None
+        self._logged_backend: Optional[str] = None
+
+    # -- what a format provides -------------------------------------------------
+    def dequantize(self) -> torch.Tensor:
+        """The (out_features, in_features) fp32 weight this layer represents."""
+        raise NotImplementedError
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (N, in) -> (N, out) fp32, without the bias."""
+        raise NotImplementedError
+
+    def layer_config(self) -> Dict[str, Any]:
+        return {"format": self.format, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_config(cls, cfg: Dict[str, Any]) -> "QuantLinearBase":
+        raise NotImplementedError
+
+    def storage_bits(self) -> int:
+        """Bits this layer stores for its weight (codes, tables, sparse part; no bias)."""
+        return sum(b.numel() * b.element_size() * 8 for n, b in self.named_buffers()
+                   if n != "bias")
+
+    def bits_per_weight(self) -> float:
+        return self.storage_bits() / float(self.in_features * self.out_features)
+
+    def validate(self) -> None:
+        """Check buffer shapes/dtypes (after loading a state dict); raise ValueError."""
+
+    # -- forward ----------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"input dtype must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input's last dimension must be in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:
+            y = x2.new_zeros((0, self.out_features), dtype=torch.float32)
+        else:
+            y = _QuantMatmul.apply(x2, self)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def backend(self, device: torch.device) -> str:
+        return "cuda" if device.type == "cuda" else "cpu"
+
+    def _note_backend(self, device: torch.device) -> None:
+        name = self.backend(device)
+        if name != self._logged_backend:
+            self._logged_backend = name
+            log.debug("%s(%dx%d) runs on the %s kernel", type(self).__name__,
+                      self.out_features, self.in_features, name)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """x2 @ Ŵᵀ through the layer's kernel; the gradient flows to the input only."""
+
+    @staticmethod
+    def forward(ctx: Any, x2: torch.Tensor, layer: QuantLinearBase) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        layer._note_backend(x2.device)
+        return layer._matmul(x2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None]:  # type: ignore[override]
+        w = ctx.layer.dequantize().to(grad.device)
+        return grad.to(torch.float32) @ w, None
+
+
+def _u32(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy uint32 view of an int32 CPU tensor."""
+    return t.detach().numpy().view(np.uint32)
+
+
+@register_format
+class QuantLinear(QuantLinearBase):
+    """SqueezeLLM's non-uniform lookup-table layer (``format = "lut"``).
+
+    Buffers (see docs/formats.md):
+
+    * ``qweight`` int32 ``[out, ceil(in*bits/32)]`` — packed codes, one
+      little-endian bit stream per output row (the words are uint32 bit patterns);
+    * ``lookup_table`` float32 ``[out, 2**bits]`` (row grouping) or
+      ``[in, 2**bits]`` (column grouping);
+    * ``sparse_row_ptr`` int32 ``[out+1]``, ``sparse_col_idx`` int32 ``[nnz]``,
+      ``sparse_values`` float16 ``[nnz]`` — the Dense-and-Sparse part (nnz may be 0);
+    * ``bias`` (optional).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bits : int
+        Code width, 1..8 (2, 3 and 4 are the ones with fast GPU kernels).
+    group_axis : {"row", "column"}
+        One lookup table per output row (SqueezeLLM) or per input column.
+    bias : bool
+    nnz : int
+        Number of values of the sparse part.
+    """
+
+    format = "lut"
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 3,
+                 group_axis: str = "row", bias: bool = True, nnz: int = 0,
+                 bias_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(in_features, out_features, bias, bias_dtype)
+        self.bits = _check_bits(bits)
+        self.group_axis = _check_axis(group_axis)
+        words = _C.packed_words(in_features, self.bits)
+        groups = out_features if self.group_axis == "row" else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32))
+        self.register_buffer("lookup_table",
+                             torch.zeros(groups, 2 ** self.bits, dtype=torch.float32))
+        self.register_buffer("sparse_row_ptr", torch.zeros(out_features + 1, dtype=torch.int32))
+        self.register_buffer("sparse_col_idx", torch.zeros(int(nnz), dtype=torch.int32))
+        self.register_buffer("sparse_values", torch.zeros(int(nnz), dtype=torch.float16))
+        self._sparse_checked = False
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 3,
+                    sensitivity: Optional[torch.Tensor] = None, group_axis: str = "row",
+                    kmeans: str = "exact", sparsity: float = 0.0,
+                    sensitive_fraction: float = 1.0 / 9.0, num_threads: int = 0) -> "QuantLinear":
+        """Quantize an ``nn.Linear`` with sensitivity-weighted k-means.
+
+        Parameters
+        ----------
+        linear : nn.Linear
+        bits : int
+        sensitivity : Tensor, optional
+            Same shape as ``linear.weight``, >= 0 (the Fisher diagonal).  None
+            gives plain (unweighted) k-means.
+        group_axis : {"row", "column"}
+        kmeans : {"exact", "lloyd"}
+            Exact: the globally optimal weighted k-means by dynamic programming.
+            Lloyd: fast refinement from a near-optimal start.
+        sparsity : float
+            Fraction of weights kept exactly in the fp16 sparse part
+            (Dense-and-Sparse; 0 = dense-only).
+        sensitive_fraction : float
+            Share of the sparse budget given to the most sensitive values; the
+            rest goes to magnitude outliers.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach().to("cpu", torch.float32).contiguous()
+        s = None
+        if sensitivity is not None:
+            if not isinstance(sensitivity, torch.Tensor):
+                raise TypeError("sensitivity must be a torch.Tensor or None, got "
+                                f"{type(sensitivity).__name__}")
+            if tuple(sensitivity.shape) != tuple(w.shape):
+                raise ValueError(f"sensitivity shape {tuple(sensitivity.shape)} must equal the "
+                                 f"weight shape {tuple(w.shape)}")
+            s = sensitivity.detach().to("cpu", torch.float32).contiguous()
+        layer = cls.from_weight(w, bits=bits, sensitivity=s, group_axis=group_axis,
+                                kmeans=kmeans, sparsity=sparsity,
+                                sensitive_fraction=sensitive_fraction,
+                                bias=linear.bias, num_threads=num_threads)
+        return layer
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bits: int = 3,
+                    sensitivity: Optional[torch.Tensor] = None, group_axis: str = "row",
+                    kmeans: str = "exact", sparsity: float = 0.0,
+                    sensitive_fraction: float = 1.0 / 9.0, bias: Optional[torch.Tensor] = None,
+                    num_threads: int = 0) -> "QuantLinear":
+        """Quantize a (out, in) weight tensor; see :meth:`from_linear`."""
+        bits = _check_bits(bits)
+        group_axis = _check_axis(group_axis)
+        if weight.dim() != 2 or weight.numel() == 0:
+            raise ValueError(f"weight must be a non-empty 2-D tensor, got shape {tuple(weight.shape)}")
+        w = weight.detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(w).all():
+            raise ValueError("weight contains NaN or Inf")
+        s_np = None
+        if sensitivity is not None:
+            s = sensitivity.detach().to("cpu", torch.float32).contiguous()
+            if tuple(s.shape) != tuple(w.shape):
+                raise ValueError(f"sensitivity shape {tuple(s.shape)} must equal the weight "
+                                 f"shape {tuple(w.shape)}")
+            s_np = s.numpy()
+        if not 0.0 <= float(sparsity) < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        out_f, in_f = w.shape
+        keep = None
+        if sparsity > 0:
+            keep = _C.sparse_select(w.numpy(), s_np, float(sparsity), float(sensitive_fraction))
+        packed, tables, _ = _C.nuq_quantize(w.numpy(), s_np, bits, group_axis, kmeans, 50,
+                                            keep, num_threads)
+        nnz = 0
+        sparse = None
+        if keep is not None:
+            sparse = _C.sparse_residual(w.numpy(), packed, tables, keep, bits, group_axis)
+            nnz = int(sparse[2].shape[0])
+        layer = cls(in_f, out_f, bits, group_axis, bias=bias is not None, nnz=nnz,
+                    bias_dtype=bias.dtype if bias is not None else torch.float32)
+        layer.qweight.copy_(torch.from_numpy(packed.view(np.int32)))
+        layer.lookup_table.copy_(torch.from_numpy(tables))
+        if sparse is not None:
+            layer.sparse_row_ptr.copy_(torch.from_numpy(sparse[0]))
+            layer.sparse_col_idx.copy_(torch.from_numpy(sparse[1]))
+            layer.sparse_values.copy_(torch.from_numpy(sparse[2].view(np.float16)))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to("cpu"))
+        layer._sparse_checked = True
+        return layer
+
+    @classmethod
+    def from_config(cls, cfg: Dict[str, Any]) -> "QuantLinear":
+        try:
+            return cls(int(cfg["in_features"]), int(cfg["out_features"]), int(cfg["bits"]),
+                       cfg.get("group_axis", "row"), bool(cfg.get("bias", False)),
+                       int(cfg.get("nnz", 0)))
+        except KeyError as e:
+            raise ValueError(f"quantized layer config lacks the key {e.args[0]!r}: {cfg}") from None
+
+    def layer_config(self) -> Dict[str, Any]:
+        cfg = super().layer_config()
+        cfg.update(bits=self.bits, group_axis=self.group_axis, nnz=self.nnz)
+        return cfg
+
+    # -- state ------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return int(self.sparse_values.numel())
+
+    def _sparse_np(self) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        if self.nnz == 0:
+            return None
+        return (self.sparse_row_ptr.detach().cpu().numpy(),
+                self.sparse_col_idx.detach().cpu().numpy(),
+                self.sparse_values.detach().cpu().numpy().view(np.uint16))
+
+    def _tables_np(self) -> np.ndarray:
+        return self.lookup_table.detach().to("cpu", torch.float32).numpy()
+
+    def validate(self) -> None:
+        words = _C.packed_words(self.in_features, self.bits)
+        groups = self.out_features if self.group_axis == "row" else self.in_features
+        expect = {
+            "qweight": ((self.out_features, words), torch.int32),
+            "lookup_table": ((groups, 2 ** self.bits), None),
+            "sparse_row_ptr": ((self.out_features + 1,), torch.int32),
+            "sparse_col_idx": ((self.nnz,), torch.int32),
+            "sparse_values": ((self.nnz,), torch.float16),
+        }
+        for name, (shape, dtype) in expect.items():
+            t = getattr(self, name)
+            if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype) or \
+                    (dtype is None and t.dtype not in _FLOAT_DTYPES):
+                raise ValueError(f"{name} must be {dtype or 'a float tensor'} of shape {shape}, "
+                                 f"got {t.dtype} of shape {tuple(t.shape)}")
+        if not torch.isfinite(self.lookup_table).all():
+            raise ValueError("lookup_table contains NaN or Inf")
+        sp = self._sparse_np()
+        if sp is not None:
+            _C.check_csr(sp, self.out_features, self.in_features)
+        self._sparse_checked = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # Resize the sparse buffers to what the checkpoint holds (nnz is data).
+        key = prefix + "sparse_values"
+        if key in state_dict:
+            n = state_dict[key].shape[0]
+            if n != self.nnz:
+                self.sparse_col_idx = torch.zeros(n, dtype=torch.int32, device=self.qweight.device)
+                self.sparse_values = torch.zeros(n, dtype=torch.float16, device=self.qweight.device)
+        self._sparse_checked = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- math -------------------------------------------------------------
+    def dequantize(self) -> torch.Tensor:
+        w = _C.nuq_dequantize(_u32(self.qweight.cpu()), self._tables_np(),
+                              self.in_features, self.bits, self.group_axis)
+        w = torch.from_numpy(w)
+        if self.nnz:
+            rows = torch.repeat_interleave(
+                torch.arange(self.out_features),
+                (self.sparse_row_ptr[1:] - self.sparse_row_ptr[:-1]).cpu().long())
+            w[rows, self.sparse_col_idx.cpu().long()] += self.sparse_values.cpu().float()
+        return w.to(self.qweight.device)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.device.type == "cuda":
+            from .kernels_cuda import lut_matmul_cuda
+
+            csr = ((self.sparse_row_ptr, self.sparse_col_idx, self.sparse_values)
+                   if self.nnz else None)
+            return lut_matmul_cuda(x2, self.qweight, self.lookup_table.float(), self.bits,
+                                   self.in_features, self.out_features, self.group_axis,
+                                   csr=csr, out_dtype=torch.float32)
+        if x2.device.type != "cpu":
+            raise ValueError(f"QuantLinear runs on CPU or CUDA tensors, got device {x2.device}")
+        if not self._sparse_checked:
+            self.validate()
+        xf = x2.detach().to(torch.float32).contiguous()
+        y = _C.lut_matmul(xf.numpy(), _u32(self.qweight), self._tables_np(),
+                          self.bits, self.in_features, self.group_axis, self._sparse_np(), 0, True)
+        return torch.from_numpy(y)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", bits={self.bits}, group_axis={self.group_axis}"
+        if self.nnz:
+            s += f", nnz={self.nnz}"
+        return s
