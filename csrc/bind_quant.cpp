@@ -118,7 +118,7 @@ void init_quant(py::module_& m) {
         const std::size_t groups = nuq_num_tables(out, in, p.axis);
         carray<std::uint32_t> packed({static_cast<py::ssize_t>(out), static_cast<py::ssize_t>(packed_words(in, bits))});
         carray<float> tables({static_cast<py::ssize_t>(groups), py::ssize_t{1} << bits});
-        carray<double> sse({static_cast<py::ssize_t>(groups)});
+        carray<double> sse(static_cast<py::ssize_t>(groups));
         {
           py::gil_scoped_release nogil;
           nuq_quantize(weight.data(), sensitivity ? sensitivity->data() : nullptr,
@@ -239,7 +239,7 @@ void init_quant(py::module_& m) {
                         axis, row_ptr, col_idx, values);
         auto to_np = [](const auto& v) {
           using T = typename std::decay_t<decltype(v)>::value_type;
-          carray<T> a({static_cast<py::ssize_t>(v.size())});
+          carray<T> a(static_cast<py::ssize_t>(v.size()));
           std::copy(v.begin(), v.end(), a.mutable_data());
           return a;
         };

@@ -3,29 +3,31 @@
 // Given values x[n] and non-negative weights w[n] (SqueezeLLM: the diagonal of
 // the Fisher information), find k centroids c (ascending) minimising the
 // weighted SSE  sum_i w_i (x_i - c_{label_i})^2  with label_i the nearest
-// centroid.  Two methods:
+// centroid.  Both methods first sort x (LSD radix sort on the IEEE bit
+// patterns) and merge duplicates into m distinct weighted values with prefix
+// sums of w, w*d, w*d^2 (d = v - median: a central origin keeps the cluster
+// cost S2 - S1^2/W free of cancellation); all arithmetic is in double.
 //
-//  * Exact  -- the globally optimal clustering, Ckmeans.1d.dp style: sort,
-//    merge duplicates into m distinct weighted points, then a dynamic program
-//    over contiguous partitions with the divide-and-conquer optimisation (the
-//    optimal split index is monotone because the 1-D SSE cost is Monge), plus
-//    the Knuth bound opt[q-1][j] <= opt[q][j].  O(k m log m) time,
-//    O(k (m - k)) 32-bit split indices.
-//  * Lloyd  -- the distinct points are merged into <= ~256 (or 4k) bins
-//    (quantiles of a half-weight, half-count mass, capped in length), the exact
-//    DP runs on the bin boundaries (its cost differs from the full cost by a
-//    constant, so it is the optimal partition whose cuts are bin boundaries),
-//    and Lloyd iterations on the full sorted data refine it.  One iteration
-//    costs O(k log m): boundaries are midpoints found by binary search and
-//    cluster means come from prefix sums.  Deterministic; the objective never
-//    increases; stops when the assignment repeats, after max_iter iterations,
-//    or when the relative improvement falls to `tol`.
+//  * Exact  -- the globally optimal clustering, Ckmeans.1d.dp style: a
+//    dynamic program over contiguous partitions with the divide-and-conquer
+//    optimisation (the optimal split index is monotone because the 1-D SSE
+//    cost is Monge) plus the Knuth bound opt[q-1][j] <= opt[q][j].
+//    O(k m log m) time, (k-2)(m-k+1) 32-bit split indices.
+//  * Lloyd  -- fast and deterministic.  The distinct values are grouped into
+//    about max(64, 8k) bins of roughly equal weighted SSE (greedy, the bin SSE
+//    predicted by high-resolution quantisation theory, so bins are narrow
+//    where an optimal quantiser puts many centroids: tails, heavy points); the
+//    exact DP on the bin boundaries gives the start (its cost differs from the
+//    full cost by a constant, so it is the optimal partition whose cuts are bin
+//    boundaries).  Lloyd iterations on the full sorted data follow, O(k log m)
+//    each (boundaries are midpoints found by binary search, means come from
+//    the prefix sums), then a polish: the exact DP with every cut confined to a
+//    window of half a bin around its current place, and Lloyd again.  The
+//    objective never increases.  Lloyd stops when the assignment repeats,
+//    after max_iter iterations, or when an iteration gains <= tol (relative).
 //
-// All arithmetic is in double; cluster costs come from prefix sums of w,
-// w*(x-mu), w*(x-mu)^2 with mu the weighted mean (centring avoids most of the
-// cancellation of the S2 - S1^2/W formula).  Sorting is an LSD radix sort on
-// the IEEE bit patterns.  A KMeans1D object keeps its scratch buffers, so after
-// the first call of a given size it does not allocate; use one per thread.
+// A KMeans1D object keeps its scratch buffers, so after the first call of a
+// given size it does not allocate; use one per thread.
 //
 // Conventions (both methods):
 //  * centroids are ascending (non-decreasing); labels index the nearest
@@ -35,7 +37,8 @@
 //    the rest repeat the largest value, SSE = 0;
 //  * all weights zero (or w == nullptr): equal weights, as upstream SqueezeLLM;
 //    a cluster holding only zero-weight points gets their unweighted mean;
-//  * n == 0, k outside 1..65536, NaN/Inf in x or w, negative w: sqllm::Error.
+//  * n == 0, k outside 1..65536, NaN/Inf in x or w, negative w: sqllm::Error
+//    naming the argument, the index and the value.
 #pragma once
 
 #include <algorithm>
@@ -53,6 +56,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 #include "sqllm/error.hpp"
@@ -83,15 +89,7 @@ struct KMeans1DParams {
   double tol = 0;     ///< Lloyd: also stop when the relative SSE gain of an iteration <= tol
 };
 
-namespace detail {
-
-/// Exact method: most split indices (4 bytes each) the DP table may hold.
-constexpr std::size_t kKMeansMaxDPTable = std::size_t(1) << 27;  // 512 MiB
-/// Lloyd initialisation: target number of bins (at least 4k) and the largest
-/// k * bins for which the coarse DP runs (else: equal-count initial ranges).
-constexpr std::size_t kKMeansCoarseBins = 256;
-constexpr std::size_t kKMeansMaxCoarseWork = std::size_t(1) << 22;
-
+/// Throws sqllm::Error unless p is valid (k in 1..65536, max_iter >= 0, tol >= 0).
 inline void check_kmeans_params(const KMeans1DParams& p) {
   SQLLM_CHECK(p.k >= 1 && p.k <= kKMeansMaxK, "kmeans1d: k must be in 1..", kKMeansMaxK,
               ", got ", p.k);
@@ -101,6 +99,22 @@ inline void check_kmeans_params(const KMeans1DParams& p) {
   SQLLM_CHECK(std::isfinite(p.tol) && p.tol >= 0, "kmeans1d: tol must be finite and >= 0, got ",
               p.tol);
 }
+
+namespace detail {
+
+/// Exact method: most split indices (4 bytes each) the DP table may hold.
+constexpr std::size_t kKMeansMaxDPTable = std::size_t(1) << 27;  // 512 MiB
+/// Lloyd initialisation: about max(64, 8k) equal-SSE bins (on LLM-like rows
+/// the optimal partition on them is ~0.3% above the optimum, the polished
+/// result ~0.01%); when k * bins exceeds kKMeansCoarseWork, max(2k, work / k)
+/// bins; beyond kKMeansMaxCoarseWork no DP: equal numbers of distinct values
+/// per cluster start Lloyd.
+constexpr std::size_t kKMeansMinBins = 64;
+constexpr std::size_t kKMeansBinsPerCluster = 8;
+constexpr std::size_t kKMeansCoarseWork = std::size_t(1) << 16;
+constexpr std::size_t kKMeansMaxCoarseWork = std::size_t(1) << 21;
+/// Lloyd: at most this many (windowed DP polish + Lloyd) rounds after the first Lloyd run.
+constexpr int kKMeansPolishRounds = 2;
 
 /// "[i]" for a single row, "[row r, col i]" inside kmeans1d_rows.
 inline std::string kmeans_where(std::int64_t row, std::size_t i) {
@@ -116,68 +130,283 @@ struct RadixItems;
 template <>
 struct RadixItems<float> {
   using Item = std::uint64_t;
-  static constexpr int kBytes = 4;
+  using Key = std::uint32_t;
+  static constexpr int kKeyBits = 32;
   static Item make(float f, std::uint32_t idx) {
     std::uint32_t u;
     std::memcpy(&u, &f, sizeof u);
     u ^= static_cast<std::uint32_t>(-static_cast<std::int32_t>(u >> 31)) | 0x80000000u;
     return (static_cast<Item>(u) << 32) | idx;
   }
-  static unsigned byte(Item it, int b) { return static_cast<unsigned>(it >> (32 + 8 * b)) & 0xffu; }
+  static Key key(Item it) { return static_cast<Key>(it >> 32); }
   static std::uint32_t index(Item it) { return static_cast<std::uint32_t>(it); }
+  static double value(Item it) {
+    std::uint32_t u = key(it);
+    u ^= ((u >> 31) - 1u) | 0x80000000u;  // undo make()
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return static_cast<double>(f);
+  }
   static bool less(Item a, Item b) { return a < b; }
 };
 
+/// double: 64-bit order-preserving key and the index.
 template <>
 struct RadixItems<double> {
   struct Item {
     std::uint64_t key;
     std::uint32_t idx;
   };
-  static constexpr int kBytes = 8;
+  using Key = std::uint64_t;
+  static constexpr int kKeyBits = 64;
   static Item make(double f, std::uint32_t idx) {
     std::uint64_t u;
     std::memcpy(&u, &f, sizeof u);
-    u ^= static_cast<std::uint64_t>(-static_cast<std::int64_t>(u >> 63)) |
-         0x8000000000000000ull;
+    u ^= static_cast<std::uint64_t>(-static_cast<std::int64_t>(u >> 63)) | 0x8000000000000000ull;
     return Item{u, idx};
   }
-  static unsigned byte(const Item& it, int b) { return static_cast<unsigned>(it.key >> (8 * b)) & 0xffu; }
+  static Key key(const Item& it) { return it.key; }
   static std::uint32_t index(const Item& it) { return it.idx; }
-  static bool less(const Item& a, const Item& b) { return a.key < b.key || (a.key == b.key && a.idx < b.idx); }
+  static double value(const Item& it) {
+    std::uint64_t u = it.key;
+    u ^= ((u >> 63) - 1u) | 0x8000000000000000ull;
+    double f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  static bool less(const Item& a, const Item& b) {
+    return a.key < b.key || (a.key == b.key && a.idx < b.idx);
+  }
 };
 
-/// Sort a[0..n) by key using b[0..n) as the second buffer and hist[kBytes*256]
-/// as scratch; returns whichever of a, b holds the result.  Passes whose byte
-/// is the same for every item are skipped.
-template <class Traits>
-typename Traits::Item* radix_sort(typename Traits::Item* a, typename Traits::Item* b, std::size_t n,
-                                  std::uint32_t* hist) {
+/// Largest scratch histogram radix_sort needs, in 32-bit counters.
+constexpr std::size_t kRadixHistSize = std::size_t(5) << 11;
+
+template <class Key>
+int bit_width(Key v) {
+  int b = 0;
+  while (v != 0) {
+    v >>= 1;
+    ++b;
+  }
+  return b;
+}
+
+/// Sort x[0..n) (finite, with minimum xmin and maximum xmax) into (key, index)
+/// items; a and b are buffers of n items, hist has kRadixHistSize counters.
+/// LSD radix sort with BITS-bit digits of r = (key - key(xmin)) >> low, low
+/// chosen so that PASSES digits cover r; then an insertion pass puts items
+/// equal in r (equal in the sign, the exponent and 12+ mantissa bits) in
+/// order; if that would move too much, std::sort finishes.  Returns the array
+/// holding the result.
+template <class Traits, int BITS, int PASSES, class T>
+typename Traits::Item* radix_sort_range(const T* x, std::size_t n, T xmin, T xmax,
+                                        typename Traits::Item* a, typename Traits::Item* b,
+                                        std::uint32_t* hist) {
   using Item = typename Traits::Item;
-  if (n < 96) {
-    std::sort(a, a + n, [](const Item& u, const Item& v) { return Traits::less(u, v); });
-    return a;
-  }
-  constexpr int NB = Traits::kBytes;
-  std::fill(hist, hist + NB * 256, 0u);
+  using Key = typename Traits::Key;
+  static_assert((std::size_t(PASSES) << BITS) <= kRadixHistSize, "radix_sort_range");
+  constexpr Key kMask = (Key(1) << BITS) - 1;
+  // -0.0 sorts before +0.0: a zero extreme may stand for either
+  const Key kmin = Traits::key(Traits::make(xmin == 0 ? -T(0) : xmin, 0));
+  const Key kmax = Traits::key(Traits::make(xmax == 0 ? T(0) : xmax, 0));
+  const int low = std::max(0, bit_width<Key>(kmax - kmin) - BITS * PASSES);
+  std::fill(hist, hist + (std::size_t(PASSES) << BITS), 0u);
   for (std::size_t i = 0; i < n; ++i) {
-    for (int d = 0; d < NB; ++d) ++hist[d * 256 + Traits::byte(a[i], d)];
+    const Key r = (Traits::key(Traits::make(x[i], 0)) - kmin) >> low;
+    for (int d = 0; d < PASSES; ++d) ++hist[(std::size_t(d) << BITS) + ((r >> (d * BITS)) & kMask)];
   }
-  Item* src = a;
+  const Item* src = nullptr;  // pass 0 reads x directly
   Item* dst = b;
-  for (int d = 0; d < NB; ++d) {
-    std::uint32_t* h = hist + d * 256;
-    if (h[Traits::byte(src[0], d)] == n) continue;  // every item has this byte
+  Item* other = a;
+  for (int d = 0; d < PASSES; ++d) {
+    std::uint32_t* h = hist + (std::size_t(d) << BITS);
+    const int shift = low + d * BITS;
     std::uint32_t sum = 0;
-    for (int v = 0; v < 256; ++v) {
+    bool single = false;
+    for (std::size_t v = 0; v <= kMask; ++v) {
       const std::uint32_t c = h[v];
+      single |= c == n;
       h[v] = sum;
       sum += c;
     }
-    for (std::size_t i = 0; i < n; ++i) dst[h[Traits::byte(src[i], d)]++] = src[i];
-    std::swap(src, dst);
+    if (single && src != nullptr) continue;  // one digit value: already in order
+    if (src == nullptr) {
+      for (std::size_t i = 0; i < n; ++i) {
+        const Item it = Traits::make(x[i], static_cast<std::uint32_t>(i));
+        dst[h[((Traits::key(it) - kmin) >> shift) & kMask]++] = it;
+      }
+    } else {
+      for (std::size_t i = 0; i < n; ++i) {
+        const Item it = src[i];
+        dst[h[((Traits::key(it) - kmin) >> shift) & kMask]++] = it;
+      }
+    }
+    src = dst;
+    std::swap(dst, other);
   }
-  return src;
+  Item* out = const_cast<Item*>(src);
+  if (low > 0) {  // order items equal in the sorted digits
+    const auto less = [](const Item& u, const Item& v) { return Traits::less(u, v); };
+    std::size_t moves = 0;
+    const std::size_t budget = 8 * n;
+    for (std::size_t u = 1; u < n; ++u) {
+      const Item it = out[u];
+      if (!less(it, out[u - 1])) continue;
+      std::size_t v = u;
+      for (; v > 0 && less(it, out[v - 1]); --v) out[v] = out[v - 1];
+      out[v] = it;
+      moves += u - v;
+      if (moves > budget) {
+        std::sort(out, out + n, less);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+/// Sorted (key, index) items of x[0..n): std::sort for tiny n, else
+/// radix_sort_range with 8-bit (n < 2048) or 11-bit digits covering 22-24
+/// (float) or 40-44 (double) bits of the key range.
+template <class Traits, class T>
+typename Traits::Item* radix_sort(const T* x, std::size_t n, T xmin, T xmax,
+                                  typename Traits::Item* a, typename Traits::Item* b,
+                                  std::uint32_t* hist) {
+  using Item = typename Traits::Item;
+  constexpr bool kWide = Traits::kKeyBits == 64;
+  if (n < 96) {
+    for (std::size_t i = 0; i < n; ++i) a[i] = Traits::make(x[i], static_cast<std::uint32_t>(i));
+    std::sort(a, a + n, [](const Item& u, const Item& v) { return Traits::less(u, v); });
+    return a;
+  }
+  if (n < 2048) return radix_sort_range<Traits, 8, kWide ? 5 : 3>(x, n, xmin, xmax, a, b, hist);
+  return radix_sort_range<Traits, 11, kWide ? 4 : 2>(x, n, xmin, xmax, a, b, hist);
+}
+
+/// Minimum and maximum of x[0..n) (n >= 1); returns false if some value is
+/// NaN or infinite (the extremes are then meaningless).
+template <class T>
+bool finite_minmax(const T* x, std::size_t n, T* lo_out, T* hi_out) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  T lo = x[0], hi = x[0];
+  unsigned bad = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    bad |= static_cast<unsigned>(!(std::fabs(v) < kInf));
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  *lo_out = lo;
+  *hi_out = hi;
+  return bad == 0;
+}
+
+#if defined(__SSE2__)
+// The scalar loop does not vectorise (min/max with NaN semantics); these do.
+inline bool finite_minmax(const float* x, std::size_t n, float* lo_out, float* hi_out) {
+  const __m128 inf = _mm_set1_ps(std::numeric_limits<float>::infinity());
+  const __m128 absmask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+  __m128 lo = _mm_set1_ps(x[0]), hi = lo, bad = _mm_setzero_ps();
+  const std::size_t n4 = n - n % 4;
+  std::size_t i = 0;
+  for (; i < n4; i += 4) {
+    const __m128 v = _mm_loadu_ps(x + i);
+    bad = _mm_or_ps(bad, _mm_cmpnlt_ps(_mm_and_ps(v, absmask), inf));  // !(|v| < inf)
+    lo = _mm_min_ps(lo, v);
+    hi = _mm_max_ps(hi, v);
+  }
+  float l[4], h[4];
+  _mm_storeu_ps(l, lo);
+  _mm_storeu_ps(h, hi);
+  float mn = std::min(std::min(l[0], l[1]), std::min(l[2], l[3]));
+  float mx = std::max(std::max(h[0], h[1]), std::max(h[2], h[3]));
+  bool ok = _mm_movemask_ps(bad) == 0;
+  for (; i < n; ++i) {
+    ok &= std::fabs(x[i]) < std::numeric_limits<float>::infinity();
+    mn = std::min(mn, x[i]);
+    mx = std::max(mx, x[i]);
+  }
+  *lo_out = mn;
+  *hi_out = mx;
+  return ok;
+}
+
+inline bool finite_minmax(const double* x, std::size_t n, double* lo_out, double* hi_out) {
+  const __m128d inf = _mm_set1_pd(std::numeric_limits<double>::infinity());
+  const __m128d absmask = _mm_castsi128_pd(_mm_set1_epi64x(0x7fffffffffffffffLL));
+  __m128d lo = _mm_set1_pd(x[0]), hi = lo, bad = _mm_setzero_pd();
+  const std::size_t n2 = n - n % 2;
+  std::size_t i = 0;
+  for (; i < n2; i += 2) {
+    const __m128d v = _mm_loadu_pd(x + i);
+    bad = _mm_or_pd(bad, _mm_cmpnlt_pd(_mm_and_pd(v, absmask), inf));
+    lo = _mm_min_pd(lo, v);
+    hi = _mm_max_pd(hi, v);
+  }
+  double l[2], h[2];
+  _mm_storeu_pd(l, lo);
+  _mm_storeu_pd(h, hi);
+  double mn = std::min(l[0], l[1]), mx = std::max(h[0], h[1]);
+  bool ok = _mm_movemask_pd(bad) == 0;
+  for (; i < n; ++i) {
+    ok &= std::fabs(x[i]) < std::numeric_limits<double>::infinity();
+    mn = std::min(mn, x[i]);
+    mx = std::max(mx, x[i]);
+  }
+  *lo_out = mn;
+  *hi_out = mx;
+  return ok;
+}
+#endif
+
+/// One step of the k-means DP: the first argmin over i in [lo, hi] of
+/// D[i] + cost(i, j), where cost(i, j) = S2 - S1^2 / W of the points [i, j)
+/// from prefix sums Q* (q* = Q*[j]).  A zero-weight range has S1 == S2 == 0
+/// exactly, so it divides by 1 instead of 0.  SSE2 evaluates two i at a time
+/// with the same operations as the scalar loop.
+inline std::size_t dp_scan(const double* D, const double* Q0, const double* Q1, const double* Q2,
+                           double q0, double q1, double q2, std::size_t lo, std::size_t hi,
+                           double* min_out) {
+  double best = std::numeric_limits<double>::infinity();
+  std::size_t arg = lo, i = lo;
+#if defined(__SSE2__)
+  if (hi - lo >= 3) {
+    const __m128d vq0 = _mm_set1_pd(q0), vq1 = _mm_set1_pd(q1), vq2 = _mm_set1_pd(q2);
+    const __m128d one = _mm_set1_pd(1.0), zero = _mm_setzero_pd(), two = _mm_set1_pd(2.0);
+    __m128d vbest = _mm_set1_pd(best), varg = _mm_setzero_pd();
+    __m128d vidx = _mm_set_pd(static_cast<double>(i + 1), static_cast<double>(i));
+    for (; i + 1 <= hi; i += 2) {
+      __m128d W = _mm_sub_pd(vq0, _mm_loadu_pd(Q0 + i));
+      const __m128d s1 = _mm_sub_pd(vq1, _mm_loadu_pd(Q1 + i));
+      const __m128d s2 = _mm_sub_pd(vq2, _mm_loadu_pd(Q2 + i));
+      const __m128d pos = _mm_cmpgt_pd(W, zero);
+      W = _mm_or_pd(_mm_and_pd(pos, W), _mm_andnot_pd(pos, one));
+      const __m128d val =
+          _mm_add_pd(_mm_loadu_pd(D + i), _mm_sub_pd(s2, _mm_div_pd(_mm_mul_pd(s1, s1), W)));
+      const __m128d lt = _mm_cmplt_pd(val, vbest);
+      vbest = _mm_or_pd(_mm_and_pd(lt, val), _mm_andnot_pd(lt, vbest));
+      varg = _mm_or_pd(_mm_and_pd(lt, vidx), _mm_andnot_pd(lt, varg));
+      vidx = _mm_add_pd(vidx, two);
+    }
+    double b[2], a[2];
+    _mm_storeu_pd(b, vbest);
+    _mm_storeu_pd(a, varg);
+    const int l = (b[1] < b[0] || (b[1] == b[0] && a[1] < a[0])) ? 1 : 0;  // first minimum
+    best = b[l];
+    arg = static_cast<std::size_t>(a[l]);
+  }
+#endif
+  for (; i <= hi; ++i) {
+    const double W = q0 - Q0[i];
+    const double s1 = q1 - Q1[i];
+    const double val = D[i] + ((q2 - Q2[i]) - s1 * s1 / (W > 0 ? W : 1.0));
+    const bool lt = val < best;  // branch-free argmin
+    best = lt ? val : best;
+    arg = lt ? i : arg;
+  }
+  *min_out = best;
+  return arg;
 }
 
 }  // namespace detail
@@ -223,21 +452,25 @@ class KMeans1D {
               std::size_t j) const {
     const double W = Q0[j] - Q0[i];
     const double s1 = Q1[j] - Q1[i];
-    const double s2 = Q2[j] - Q2[i];
-    return W > 0 ? s2 - s1 * s1 / W : 0.0;
+    return (Q2[j] - Q2[i]) - s1 * s1 / (W > 0 ? W : 1.0);  // as detail::dp_scan
   }
   double centroid(std::size_t a, std::size_t b) const;
-  void validate(const T* x, const T* w, std::size_t n, std::int64_t row, bool* use_w) const;
+  bool validate(const T* x, const T* w, std::size_t n, std::int64_t row);
   void sort_and_merge(const T* x, const T* w, std::size_t n, bool use_w);
   void dp_partition(const double* Q0, const double* Q1, const double* Q2, std::size_t B,
                     std::size_t k);
   void dp_layer(const double* Q0, const double* Q1, const double* Q2, std::size_t q,
                 std::size_t width, std::size_t jlo, std::size_t jhi, std::size_t ilo,
                 std::size_t ihi);
+  std::size_t greedy_bins(double tau, std::size_t maxlen);
   void init_lloyd(std::size_t k);
-  void run_lloyd(std::size_t k, const KMeans1DParams& p);
+  void run_lloyd(std::size_t k, const KMeans1DParams& p, int* budget);
+  void window_layer(std::size_t t, std::size_t jlo, std::size_t jhi, std::size_t ilo,
+                    std::size_t ihi);
+  bool polish(std::size_t k);
+  void refine(std::size_t k, const KMeans1DParams& p);
   template <class Label>
-  double finish(std::size_t k, std::size_t n, T* centroids, Label* labels);
+  double finish(std::size_t k, T* centroids, Label* labels);
 
   // sorted, merged data (m_ distinct values)
   std::vector<Item> items_, items_tmp_;
@@ -245,18 +478,21 @@ class KMeans1D {
   const Item* sorted_ = nullptr;
   std::size_t m_ = 0;
   int iters_ = 0;
+  T xmin_ = 0, xmax_ = 0;
   double mu_ = 0;
-  std::vector<double> v_, W_, cnt_;                // distinct values, weights, counts
+  std::vector<double> v_, W_;                      // distinct values, summed weights
   std::vector<std::uint32_t> gstart_;              // first sorted position of value g
-  std::vector<double> P0_, P1_, P2_, C0_, C1_;     // prefix sums (centred)
+  std::vector<double> P0_, P1_, P2_;               // prefix sums of W, W d, W d^2 (d = v - mu)
   // clustering state
   std::vector<double> c_, cs_;                     // centroids (double; rounded to T)
   std::vector<std::uint32_t> s_, sprev_;           // cluster boundaries in distinct index
   std::vector<std::uint32_t> pos_;                 // coarse bin boundaries
+  std::vector<std::uint32_t> wlo_, whi_, joff_;    // polish windows of the cuts
+  bool have_bins_ = false;                         // init_lloyd used coarse bins pos_
   std::vector<double> Q0_, Q1_, Q2_;               // prefix sums at bin boundaries
   std::vector<double> Dprev_, Dcur_;               // DP rows
   std::vector<std::uint32_t> J_, cuts_;            // DP split indices, optimal cuts
-  std::vector<std::uint32_t> lab_, next_;          // label per distinct value; next distinct centroid
+  std::vector<std::uint32_t> bnd_;                 // values of label t: [bnd_[t], bnd_[t+1])
 };
 
 // ---- implementation ----------------------------------------------------------
@@ -267,33 +503,34 @@ double KMeans1D<T>::centroid(std::size_t a, std::size_t b) const {
   double c;
   if (W > 0) {
     c = mu_ + (P1_[b] - P1_[a]) / W;
-  } else {  // only zero-weight points: their unweighted mean
-    c = mu_ + (C1_[b] - C1_[a]) / (C0_[b] - C0_[a]);
+  } else {  // only zero-weight points (rare): their unweighted mean
+    double s = 0;
+    for (std::size_t g = a; g < b; ++g) s += static_cast<double>(gstart_[g + 1] - gstart_[g]) * v_[g];
+    c = s / static_cast<double>(gstart_[b] - gstart_[a]);
   }
   // the mean lies in [v_a, v_{b-1}]; clamp away rounding so centroids stay ordered
   return std::min(std::max(c, v_[a]), v_[b - 1]);
 }
 
+// Check x and w (finite; w >= 0; NaN fails every comparison); returns whether
+// to use w (false: w is null or all zero, so equal weights).
 template <class T>
-void KMeans1D<T>::validate(const T* x, const T* w, std::size_t n, std::int64_t row,
-                           bool* use_w) const {
+bool KMeans1D<T>::validate(const T* x, const T* w, std::size_t n, std::int64_t row) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
-  bool ok = true;
-  for (std::size_t i = 0; i < n; ++i) ok &= std::fabs(x[i]) < kInf;  // false for NaN, Inf
-  if (!ok) {
+  if (!detail::finite_minmax(x, n, &xmin_, &xmax_)) {
     for (std::size_t i = 0; i < n; ++i) {
       SQLLM_CHECK(std::fabs(x[i]) < kInf, "kmeans1d: x", detail::kmeans_where(row, i), " = ",
                   x[i], " is not finite");
     }
   }
-  *use_w = false;
-  if (w == nullptr) return;
-  double sum = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    ok &= w[i] >= 0 && w[i] < kInf;  // false for NaN, Inf, negatives
-    sum += static_cast<double>(w[i]);
+  if (w == nullptr) return false;
+  unsigned bad = 0, positive = 0;
+  for (std::size_t i = 0; i < n; ++i) {  // bitwise ops only, so that it vectorises
+    const T v = w[i];
+    bad |= static_cast<unsigned>(!(v >= 0)) | static_cast<unsigned>(!(v < kInf));
+    positive |= static_cast<unsigned>(v > 0);
   }
-  if (!ok) {
+  if (bad != 0) {
     for (std::size_t i = 0; i < n; ++i) {
       SQLLM_CHECK(std::fabs(w[i]) < kInf, "kmeans1d: w", detail::kmeans_where(row, i), " = ",
                   w[i], " is not finite");
@@ -301,65 +538,63 @@ void KMeans1D<T>::validate(const T* x, const T* w, std::size_t n, std::int64_t r
                   " is negative (weights must be >= 0)");
     }
   }
-  SQLLM_CHECK(std::isfinite(sum), "kmeans1d: the weights w",
-              row < 0 ? std::string() : detail::concat(" of row ", row),
-              " sum to infinity; rescale them");
-  *use_w = sum > 0;  // all zero: equal weights
+  return positive != 0;  // all zero: equal weights
 }
 
+// Sort, merge duplicates into m_ distinct values v_ with summed weights W_,
+// and build the prefix sums of the values centred on mu_, the median: any
+// central origin keeps S2 - S1^2/W free of the cancellation that raw sums of
+// far-from-zero values would suffer.
 template <class T>
 void KMeans1D<T>::sort_and_merge(const T* x, const T* w, std::size_t n, bool use_w) {
   items_.resize(n);
   items_tmp_.resize(n);
-  hist_.resize(Radix::kBytes * 256);
-  for (std::size_t i = 0; i < n; ++i) items_[i] = Radix::make(x[i], static_cast<std::uint32_t>(i));
-  sorted_ = detail::radix_sort<Radix>(items_.data(), items_tmp_.data(), n, hist_.data());
+  hist_.resize(detail::kRadixHistSize);
+  sorted_ = detail::radix_sort<Radix>(x, n, xmin_, xmax_, items_.data(), items_tmp_.data(),
+                                      hist_.data());
 
+  mu_ = Radix::value(sorted_[n / 2]);
+  const double mu = mu_;
   v_.resize(n);
   W_.resize(n);
-  cnt_.resize(n);
   gstart_.resize(n + 1);
+  P0_.resize(n + 1);
+  P1_.resize(n + 1);
+  P2_.resize(n + 1);
+  P0_[0] = P1_[0] = P2_[0] = 0;
+  double p0 = 0, p1 = 0, p2 = 0;  // running prefix sums
+  double prev = Radix::value(sorted_[0]), gw = 0;
   std::size_t m = 0;
-  double prev = 0;
+  gstart_[0] = 0;
+  v_[0] = prev;
   for (std::size_t j = 0; j < n; ++j) {
-    const std::uint32_t i = Radix::index(sorted_[j]);
-    const double xv = static_cast<double>(x[i]);
-    const double wv = use_w ? static_cast<double>(w[i]) : 1.0;
-    if (j == 0 || xv != prev) {  // -0.0 and +0.0 merge
+    const auto& it = sorted_[j];
+    const double xv = Radix::value(it);
+    if (xv != prev) {  // close value m (-0.0 and +0.0 compare equal and merge)
+      const double d = prev - mu, wd = gw * d;
+      W_[m] = gw;
+      p0 += gw;
+      p1 += wd;
+      p2 += wd * d;
+      ++m;
+      P0_[m] = p0;
+      P1_[m] = p1;
+      P2_[m] = p2;
       gstart_[m] = static_cast<std::uint32_t>(j);
       v_[m] = xv;
-      W_[m] = 0;
-      cnt_[m] = 0;
-      ++m;
       prev = xv;
+      gw = 0;
     }
-    W_[m - 1] += wv;
-    cnt_[m - 1] += 1;
+    gw += use_w ? static_cast<double>(w[Radix::index(it)]) : 1.0;
   }
+  const double d = prev - mu, wd = gw * d;
+  W_[m] = gw;
+  ++m;
+  P0_[m] = p0 + gw;
+  P1_[m] = p1 + wd;
+  P2_[m] = p2 + wd * d;
   gstart_[m] = static_cast<std::uint32_t>(n);
   m_ = m;
-
-  double sw = 0, swx = 0;
-  for (std::size_t g = 0; g < m; ++g) {
-    sw += W_[g];
-    swx += W_[g] * v_[g];
-  }
-  mu_ = std::min(std::max(swx / sw, v_[0]), v_[m - 1]);
-  P0_.resize(m + 1);
-  P1_.resize(m + 1);
-  P2_.resize(m + 1);
-  C0_.resize(m + 1);
-  C1_.resize(m + 1);
-  P0_[0] = P1_[0] = P2_[0] = C0_[0] = C1_[0] = 0;
-  for (std::size_t g = 0; g < m; ++g) {
-    const double d = v_[g] - mu_;
-    const double wd = W_[g] * d;
-    P0_[g + 1] = P0_[g] + W_[g];
-    P1_[g + 1] = P1_[g] + wd;
-    P2_[g + 1] = P2_[g] + wd * d;
-    C0_[g + 1] = C0_[g] + cnt_[g];
-    C1_[g + 1] = C1_[g] + cnt_[g] * d;
-  }
 }
 
 // One DP layer q (2 <= q < k) by divide and conquer: D_q[j] for j in [jlo, jhi],
@@ -377,20 +612,9 @@ void KMeans1D<T>::dp_layer(const double* Q0, const double* Q1, const double* Q2,
     }
     const std::size_t hi = std::min(ihi, j - 1);
     lo = std::min(lo, hi);
-    const double* D = Dprev_.data();
-    const double q0 = Q0[j], q1 = Q1[j], q2 = Q2[j];
-    double best = std::numeric_limits<double>::infinity();
-    std::size_t arg = lo;
-    for (std::size_t i = lo; i <= hi; ++i) {
-      const double W = q0 - Q0[i];
-      const double s1 = q1 - Q1[i];
-      const double c = W > 0 ? (q2 - Q2[i]) - s1 * s1 / W : 0.0;
-      const double val = D[i] + c;
-      if (val < best) {
-        best = val;
-        arg = i;
-      }
-    }
+    double best;
+    const std::size_t arg =
+        detail::dp_scan(Dprev_.data(), Q0, Q1, Q2, Q0[j], Q1[j], Q2[j], lo, hi, &best);
     Dcur_[j] = best;
     J_[(q - 2) * width + (j - q)] = static_cast<std::uint32_t>(arg);
     // left half recursively, right half by iteration
@@ -419,48 +643,90 @@ void KMeans1D<T>::dp_partition(const double* Q0, const double* Q1, const double*
     std::swap(Dprev_, Dcur_);
   }
   // last layer: only j = B
-  double best = std::numeric_limits<double>::infinity();
-  std::size_t arg = k - 1;
-  for (std::size_t i = k - 1; i < B; ++i) {
-    const double val = Dprev_[i] + cost(Q0, Q1, Q2, i, B);
-    if (val < best) {
-      best = val;
-      arg = i;
-    }
-  }
-  cuts_[k - 1] = static_cast<std::uint32_t>(arg);
+  double best;
+  cuts_[k - 1] = static_cast<std::uint32_t>(
+      detail::dp_scan(Dprev_.data(), Q0, Q1, Q2, Q0[B], Q1[B], Q2[B], k - 1, B - 1, &best));
   for (std::size_t q = k - 1; q >= 2; --q) cuts_[q - 1] = J_[(q - 2) * width + (cuts_[q] - q)];
 }
 
+// Greedy bins over the distinct values: each bin is the longest run from its
+// start whose weighted SSE (from the prefix sums) is <= tau, of at most maxlen
+// values; found by galloping + binary search, O(bins * log(m / bins)).
+// Writes pos_; returns the number of bins.
+template <class T>
+std::size_t KMeans1D<T>::greedy_bins(double tau, std::size_t maxlen) {
+  const std::size_t m = m_;
+  const double *Q0 = P0_.data(), *Q1 = P1_.data(), *Q2 = P2_.data();
+  pos_.clear();
+  pos_.push_back(0);
+  std::size_t a = 0;
+  while (a < m) {
+    const std::size_t lim = std::min(m, a + maxlen);
+    std::size_t good = a + 1, bad = lim + 1;  // cost(a, good) <= tau < cost(a, bad)
+    for (std::size_t step = 1; good < lim;) {
+      const std::size_t b = std::min(lim, good + step);
+      if (cost(Q0, Q1, Q2, a, b) <= tau) {
+        good = b;
+        step *= 2;
+      } else {
+        bad = b;
+        break;
+      }
+    }
+    while (bad - good > 1) {
+      const std::size_t b = good + (bad - good) / 2;
+      if (cost(Q0, Q1, Q2, a, b) <= tau) {
+        good = b;
+      } else {
+        bad = b;
+      }
+    }
+    pos_.push_back(static_cast<std::uint32_t>(good));
+    a = good;
+  }
+  return pos_.size() - 1;
+}
+
 // Lloyd's start: the optimal partition whose cuts are coarse-bin boundaries.
+// The bins are built to resemble an optimal `target`-level quantiser (each
+// holds about the same SSE), so they are fine where the optimum puts many
+// centroids (the tails, heavy points) and coarse where it puts few.
 template <class T>
 void KMeans1D<T>::init_lloyd(std::size_t k) {
   const std::size_t m = m_;
-  const std::size_t target = std::max(detail::kKMeansCoarseBins, 4 * k);
+  std::size_t target = std::max(detail::kKMeansMinBins, detail::kKMeansBinsPerCluster * k);
+  if (k * target > detail::kKMeansCoarseWork) {  // many clusters: fewer bins per cluster
+    target = std::max(2 * k, detail::kKMeansCoarseWork / k);
+  }
   s_.resize(k + 1);
+  have_bins_ = false;
   if (m <= target) {  // the data is small enough: the coarse DP is the exact DP
     dp_partition(P0_.data(), P1_.data(), P2_.data(), m, k);
     for (std::size_t t = 0; t <= k; ++t) s_[t] = cuts_[t];
   } else if (k * target <= detail::kKMeansMaxCoarseWork) {
-    // Bins: quantiles of the mass (w/sum w + count/n)/2, each at most
-    // ceil(2m/target) distinct values long; between target/2 and 1.5*target+1 bins.
-    const double sw = P0_[m], sc = C0_[m];
-    const double step = 1.0 / static_cast<double>(target);
-    const std::size_t maxlen = (2 * m + target - 1) / target;
-    pos_.clear();
-    pos_.push_back(0);
-    double acc = 0, next = step;
-    std::size_t start = 0;
-    for (std::size_t g = 0; g + 1 < m; ++g) {
-      acc += 0.5 * (W_[g] / sw + cnt_[g] / sc);
-      if (acc >= next || g + 1 - start >= maxlen) {
-        pos_.push_back(static_cast<std::uint32_t>(g + 1));
-        start = g + 1;
-        while (next <= acc) next += step;
-      }
+    // High-resolution estimate of the per-cell SSE of an optimal B-level
+    // quantiser of a weight density p: (int p^(1/3))^3 / (12 B^3), with the
+    // integral summed over 64 groups of consecutive values.
+    const std::size_t groups = std::min<std::size_t>(64, m - 1);
+    double integral = 0;
+    for (std::size_t b = 0; b < groups; ++b) {
+      const std::size_t lo = b * (m - 1) / groups, hi = (b + 1) * (m - 1) / groups;
+      const double wsum = P0_[hi] - P0_[lo];
+      const double len = v_[hi] - v_[lo];
+      const double cl = std::cbrt(len);
+      integral += std::cbrt(wsum) * cl * cl;
     }
-    pos_.push_back(static_cast<std::uint32_t>(m));
-    const std::size_t B = pos_.size() - 1;  // >= target/2 >= 2k > k
+    const double B3 = static_cast<double>(target) * target * target;
+    double tau = integral * integral * integral / (12 * B3);
+    if (!(tau > 0)) tau = (P2_[m] - P1_[m] * P1_[m] / P0_[m]) / B3;
+    const std::size_t maxlen = std::max<std::size_t>(1, m / std::max(k, target / 4));
+    std::size_t B = greedy_bins(tau, maxlen);
+    for (int round = 0; round < 3 && tau > 0; ++round) {  // cell SSE ~ B^-3: correct tau
+      const double r = static_cast<double>(B) / static_cast<double>(target);
+      if (r <= 1.5 && r >= 0.67) break;
+      tau *= std::min(64.0, std::max(1.0 / 64, r * r * r));
+      B = greedy_bins(tau, maxlen);
+    }
     Q0_.resize(B + 1);
     Q1_.resize(B + 1);
     Q2_.resize(B + 1);
@@ -471,6 +737,7 @@ void KMeans1D<T>::init_lloyd(std::size_t k) {
     }
     dp_partition(Q0_.data(), Q1_.data(), Q2_.data(), B, k);
     for (std::size_t t = 0; t <= k; ++t) s_[t] = pos_[cuts_[t]];
+    have_bins_ = true;  // refine() sizes its polish windows by these bins
   } else {  // very large k: equal numbers of distinct values
     for (std::size_t t = 0; t <= k; ++t) s_[t] = static_cast<std::uint32_t>(t * m / k);
   }
@@ -478,14 +745,16 @@ void KMeans1D<T>::init_lloyd(std::size_t k) {
   for (std::size_t t = 0; t < k; ++t) c_[t] = centroid(s_[t], s_[t + 1]);
 }
 
+// Lloyd iterations from c_ (s_ its partition), at most *budget of them
+// (decremented).  Stops when the assignment repeats or the relative SSE gain
+// of an iteration is <= tol.
 template <class T>
-void KMeans1D<T>::run_lloyd(std::size_t k, const KMeans1DParams& p) {
+void KMeans1D<T>::run_lloyd(std::size_t k, const KMeans1DParams& p, int* budget) {
   const std::size_t m = m_;
   const double* v = v_.data();
   sprev_ = s_;
   double prev_sse = std::numeric_limits<double>::infinity();
-  iters_ = 0;
-  for (int it = 0; it < p.max_iter; ++it) {
+  while (*budget > 0) {
     // assignment: values <= midpoint go to the lower centroid
     s_[0] = 0;
     s_[k] = static_cast<std::uint32_t>(m);
@@ -494,6 +763,7 @@ void KMeans1D<T>::run_lloyd(std::size_t k, const KMeans1DParams& p) {
       s_[t] = static_cast<std::uint32_t>(std::upper_bound(v + s_[t - 1], v + m, mid) - v);
     }
     if (s_ == sprev_) break;  // same assignment: the means are a fixed point
+    --*budget;
     ++iters_;
     // update: means of the non-empty clusters; an empty one keeps its centroid
     // (it lies between its neighbours' new means, so the order is kept)
@@ -512,12 +782,103 @@ void KMeans1D<T>::run_lloyd(std::size_t k, const KMeans1DParams& p) {
   }
 }
 
-// Round the centroids to T, label every distinct value with its nearest
-// centroid (ties: lower index), scatter the labels, return the SSE.
+// One layer t of the windowed DP, by divide and conquer: for cuts j in
+// [jlo, jhi] (a part of window t) the best previous cut in [ilo, ihi] (window
+// t-1, below j).  Dprev_/Dcur_ are indexed by the cut; J_ from joff_[t].
+template <class T>
+void KMeans1D<T>::window_layer(std::size_t t, std::size_t jlo, std::size_t jhi, std::size_t ilo,
+                               std::size_t ihi) {
+  const double *Q0 = P0_.data(), *Q1 = P1_.data(), *Q2 = P2_.data();
+  while (jlo <= jhi) {
+    const std::size_t j = jlo + (jhi - jlo) / 2;
+    const std::size_t hi = std::min(ihi, j - 1);
+    double best;
+    const std::size_t arg =
+        detail::dp_scan(Dprev_.data(), Q0, Q1, Q2, Q0[j], Q1[j], Q2[j], ilo, hi, &best);
+    Dcur_[j] = best;
+    J_[joff_[t] + (j - wlo_[t])] = static_cast<std::uint32_t>(arg);
+    if (j > jlo) window_layer(t, jlo, j - 1, ilo, arg);
+    jlo = j + 1;
+    ilo = arg;
+  }
+}
+
+// The optimal partition whose cut t (t = 1..k-1) lies in [wlo_[t], whi_[t]]:
+// the exact DP restricted to these windows.  The windows must contain the
+// current cuts s_ (non-empty clusters), so the SSE cannot increase.  Updates
+// s_; returns whether it changed.
+template <class T>
+bool KMeans1D<T>::polish(std::size_t k) {
+  const std::size_t m = m_;
+  if (k < 2) return false;
+  wlo_[0] = whi_[0] = 0;
+  wlo_[k] = whi_[k] = static_cast<std::uint32_t>(m);
+  for (std::size_t t = 1; t < k; ++t) {  // cut t > cut t-1; later clusters non-empty
+    wlo_[t] = std::max(wlo_[t], wlo_[t - 1] + 1);
+    whi_[t] = std::min(whi_[t], static_cast<std::uint32_t>(m - (k - t)));
+  }
+  joff_.resize(k + 2);
+  joff_[1] = 0;
+  for (std::size_t t = 1; t <= k; ++t) joff_[t + 1] = joff_[t] + (whi_[t] - wlo_[t] + 1);
+  Dprev_.resize(m + 1);
+  Dcur_.resize(m + 1);
+  J_.resize(joff_[k + 1]);
+  for (std::size_t c = wlo_[1]; c <= whi_[1]; ++c) Dprev_[c] = cost(P0_.data(), P1_.data(), P2_.data(), 0, c);
+  for (std::size_t t = 2; t <= k; ++t) {
+    window_layer(t, wlo_[t], whi_[t], wlo_[t - 1], whi_[t - 1]);
+    std::swap(Dprev_, Dcur_);
+  }
+  bool changed = false;
+  std::size_t c = m;
+  for (std::size_t t = k; t >= 2; --t) {
+    c = J_[joff_[t] + (c - wlo_[t])];
+    changed |= c != s_[t - 1];
+    s_[t - 1] = static_cast<std::uint32_t>(c);
+  }
+  return changed;
+}
+
+// Lloyd iterations from the initialisation; then, when the start came from
+// coarse bins, polish rounds: the exact DP with each cut free to move by half
+// the length of the bin it lies in (this repairs most of what the coarse cuts
+// cost: measured ~0.3% -> ~0.01% above the optimum on LLM-like rows with
+// k <= 16), then Lloyd again, while the polish changes something.  max_iter
+// bounds the Lloyd iterations; 0 returns the initialisation unpolished.
+template <class T>
+void KMeans1D<T>::refine(std::size_t k, const KMeans1DParams& p) {
+  int budget = p.max_iter;
+  iters_ = 0;
+  run_lloyd(k, p, &budget);
+  if (!have_bins_) return;
+  for (int round = 0; round < detail::kKMeansPolishRounds && budget > 0; ++round) {
+    for (std::size_t t = 0; t < k; ++t) {
+      if (s_[t] >= s_[t + 1]) return;  // an empty cluster: the windowed DP needs none
+    }
+    wlo_.resize(k + 1);
+    whi_.resize(k + 1);
+    for (std::size_t t = 1; t < k; ++t) {
+      const std::size_t b =
+          static_cast<std::size_t>(std::upper_bound(pos_.begin(), pos_.end(), s_[t]) - pos_.begin()) - 1;
+      const std::size_t r = std::max<std::size_t>(2, (pos_[b + 1] - pos_[b]) / 2);
+      wlo_[t] = static_cast<std::uint32_t>(s_[t] > r ? s_[t] - r : 0);
+      whi_[t] = static_cast<std::uint32_t>(s_[t] + r);
+    }
+    if (!polish(k)) return;
+    for (std::size_t t = 0; t < k; ++t) c_[t] = centroid(s_[t], s_[t + 1]);
+    run_lloyd(k, p, &budget);
+  }
+}
+
+// Round the centroids to T and label every distinct value with its nearest
+// centroid (ties, including equal centroids: the lower index).  The squared
+// distance (v - c_t)^2 is unimodal in t, so the values of label t form the
+// range [bnd_[t], bnd_[t+1]) of the sorted values: each boundary is a binary
+// search.  Scatters the labels; returns the SSE.
 template <class T>
 template <class Label>
-double KMeans1D<T>::finish(std::size_t k, std::size_t n, T* centroids, Label* labels) {
+double KMeans1D<T>::finish(std::size_t k, T* centroids, Label* labels) {
   const std::size_t m = m_;
+  const double* v = v_.data();
   cs_.resize(k);
   for (std::size_t t = 0; t < k; ++t) {
     double c = static_cast<double>(static_cast<T>(c_[t]));
@@ -525,35 +886,44 @@ double KMeans1D<T>::finish(std::size_t k, std::size_t n, T* centroids, Label* la
     cs_[t] = c;
     centroids[t] = static_cast<T>(c);
   }
-  next_.resize(k);  // next_[t]: first index u > t with cs_[u] != cs_[t] (k if none)
-  next_[k - 1] = static_cast<std::uint32_t>(k);
-  for (std::size_t t = k - 1; t-- > 0;) {
-    next_[t] = cs_[t + 1] != cs_[t] ? static_cast<std::uint32_t>(t + 1) : next_[t + 1];
+  bnd_.assign(k + 1, static_cast<std::uint32_t>(m));
+  bnd_[0] = 0;
+  std::size_t prev = 0;  // the label of the previous run of equal centroids
+  for (std::size_t t = 1; t < k; ++t) {
+    if (cs_[t] == cs_[prev]) continue;  // equal centroid: never a label
+    // first value strictly closer to cs_[t] than to cs_[prev]
+    const double lo_c = cs_[prev], hi_c = cs_[t];
+    std::size_t lo = bnd_[prev], hi = m;
+    while (lo < hi) {
+      const std::size_t g = lo + (hi - lo) / 2;
+      if ((v[g] - hi_c) * (v[g] - hi_c) < (v[g] - lo_c) * (v[g] - lo_c)) {
+        hi = g;
+      } else {
+        lo = g + 1;
+      }
+    }
+    for (std::size_t u = prev + 1; u <= t; ++u) bnd_[u] = static_cast<std::uint32_t>(lo);
+    prev = t;
   }
-  lab_.resize(m);
   double sse = 0;
-  std::size_t t = 0;
-  for (std::size_t g = 0; g < m; ++g) {
-    const double x = v_[g];
-    double dt = (x - cs_[t]) * (x - cs_[t]);
-    for (;;) {  // nearest centroid is monotone in x: only move up
-      const std::size_t u = next_[t];
-      if (u >= k) break;
-      const double du = (x - cs_[u]) * (x - cs_[u]);
-      if (!(du < dt)) break;
-      t = u;
-      dt = du;
+  for (std::size_t t = 0; t < k; ++t) {
+    const double c = cs_[t];
+    double e0 = 0, e1 = 0;
+    std::size_t g = bnd_[t];
+    const std::size_t end = bnd_[t + 1];
+    for (; g + 2 <= end; g += 2) {
+      e0 += W_[g] * (v[g] - c) * (v[g] - c);
+      e1 += W_[g + 1] * (v[g + 1] - c) * (v[g + 1] - c);
     }
-    lab_[g] = static_cast<std::uint32_t>(t);
-    sse += W_[g] * dt;
-  }
-  if (labels != nullptr) {
-    for (std::size_t g = 0; g < m; ++g) {
-      const Label l = static_cast<Label>(lab_[g]);
-      for (std::uint32_t j = gstart_[g]; j < gstart_[g + 1]; ++j) labels[Radix::index(sorted_[j])] = l;
+    if (g < end) e0 += W_[g] * (v[g] - c) * (v[g] - c);
+    sse += e0 + e1;
+    if (labels != nullptr) {
+      const Label l = static_cast<Label>(t);
+      for (std::uint32_t j = gstart_[bnd_[t]], je = gstart_[end]; j < je; ++j) {
+        labels[Radix::index(sorted_[j])] = l;
+      }
     }
   }
-  (void)n;
   return sse;
 }
 
@@ -562,7 +932,7 @@ template <class Label>
 double KMeans1D<T>::fit_row(const T* x, const T* w, std::size_t n, const KMeans1DParams& p,
                             T* centroids, Label* labels, std::int64_t row) {
   static_assert(std::is_integral<Label>::value, "KMeans1D::fit: Label must be an integer type");
-  detail::check_kmeans_params(p);
+  check_kmeans_params(p);
   const std::size_t k = static_cast<std::size_t>(p.k);
   SQLLM_CHECK(n > 0, "kmeans1d: x is empty (n == 0)");
   SQLLM_CHECK(n <= std::numeric_limits<std::uint32_t>::max(), "kmeans1d: x has ", n,
@@ -573,9 +943,11 @@ double KMeans1D<T>::fit_row(const T* x, const T* w, std::size_t n, const KMeans1
                   static_cast<unsigned long long>(std::numeric_limits<Label>::max()) >= k - 1,
               "kmeans1d: k = ", k, " labels do not fit the label type (max ",
               static_cast<unsigned long long>(std::numeric_limits<Label>::max()), ")");
-  bool use_w = false;
-  validate(x, w, n, row, &use_w);
+  const bool use_w = validate(x, w, n, row);
   sort_and_merge(x, w, n, use_w);
+  SQLLM_CHECK(std::isfinite(P0_[m_]) && std::isfinite(P2_[m_]), "kmeans1d: the sums of w",
+              row < 0 ? std::string() : detail::concat(" (row ", row, ")"),
+              " or w*(x - median)^2 overflow double; rescale x or w");
   const std::size_t m = m_;
   iters_ = 0;
   c_.resize(k);
@@ -589,9 +961,9 @@ double KMeans1D<T>::fit_row(const T* x, const T* w, std::size_t n, const KMeans1
     for (std::size_t t = 0; t < k; ++t) c_[t] = centroid(cuts_[t], cuts_[t + 1]);
   } else {
     init_lloyd(k);
-    run_lloyd(k, p);
+    refine(k, p);
   }
-  return finish(k, n, centroids, labels);
+  return finish(k, centroids, labels);
 }
 
 // ---- many rows -------------------------------------------------------------
@@ -605,7 +977,7 @@ double KMeans1D<T>::fit_row(const T* x, const T* w, std::size_t n, const KMeans1
 template <class T, class Label>
 void kmeans1d_rows(const T* x, const T* w, std::size_t rows, std::size_t n, const KMeans1DParams& p,
                    T* centroids, Label* labels, double* sse, int num_threads = 0) {
-  detail::check_kmeans_params(p);
+  check_kmeans_params(p);
   SQLLM_CHECK(n > 0, "kmeans1d_rows: x is empty (n == 0)");
   if (rows == 0) return;
   SQLLM_CHECK(x != nullptr, "kmeans1d_rows: x is null");

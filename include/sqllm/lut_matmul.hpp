@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "sqllm/csr.hpp"
+#include "sqllm/detail/lut_matmul_avx2.hpp"
 #include "sqllm/dispatch.hpp"
 #include "sqllm/error.hpp"
 #include "sqllm/nuq.hpp"
@@ -61,6 +62,22 @@ inline float dot(const float* a, const float* b, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
+
+#ifdef SQLLM_HAVE_AVX2
+/// AVX2 path: 1..4-bit codes (8 codes per byte-aligned 32-bit load).
+template <int BITS, bool ROW>
+void lut_matmul_avx2(const float* x, std::size_t batch, std::size_t in, std::size_t out,
+                     const std::uint32_t* codes, const float* tables, const CsrView* csr,
+                     float* y, int num_threads) {
+#ifdef _OPENMP
+  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+#pragma omp parallel for schedule(static, 16) num_threads(nt)
+#endif
+  for (std::ptrdiff_t o = 0; o < static_cast<std::ptrdiff_t>(out); ++o)
+    avx2::rows<BITS, ROW>(x, batch, in, out, codes, tables, csr, y, static_cast<std::size_t>(o));
+  (void)num_threads;
+}
+#endif
 
 template <int BITS, bool ROW>
 void lut_matmul_impl(const float* x, std::size_t batch, std::size_t in, std::size_t out,
@@ -123,6 +140,15 @@ inline void lut_matmul(const float* x, std::size_t batch, std::size_t in, std::s
   if (csr != nullptr && !csr_checked) check_csr(*csr, out, in);
   if (csr != nullptr && csr->nnz == 0) csr = nullptr;
   SQLLM_DISPATCH_BITS(bits, BITS, {
+#ifdef SQLLM_HAVE_AVX2
+    if (BITS <= 4) {
+      if (axis == GroupAxis::Row)
+        detail::lut_matmul_avx2<(BITS <= 4 ? BITS : 4), true>(x, batch, in, out, codes, tables, csr, y, num_threads);
+      else
+        detail::lut_matmul_avx2<(BITS <= 4 ? BITS : 4), false>(x, batch, in, out, codes, tables, csr, y, num_threads);
+      return;
+    }
+#endif
     if (axis == GroupAxis::Row)
       detail::lut_matmul_impl<BITS, true>(x, batch, in, out, codes, tables, csr, y, num_threads);
     else

@@ -34,6 +34,7 @@ import contextlib
 import gzip
 import logging
 import lzma
+import math
 import os
 import random
 import struct
@@ -120,6 +121,8 @@ _ASCII_MASK = 1 << 6
 
 #: R's NA_integer_ (and NA for logicals), as stored in the stream.
 NA_INTEGER = -(2**31)
+# Longest compact sequence (ALTREP 1:n) that is expanded into an array.
+_MAX_COMPACT_SEQ = 2**28
 
 
 _PAIRLIST_TYPES = frozenset({LISTSXP, LANGSXP, CLOSXP, PROMSXP, DOTSXP})
@@ -291,7 +294,10 @@ class _RStreamReader:
             self._native_encoding = _python_encoding(enc)
         elif self.version != 2:
             raise self._error(f"unsupported R serialization version {self.version} (supported: 2, 3)")
-        return self._item()
+        try:
+            return self._item()
+        except RecursionError as exc:
+            raise self._error("unsupported R data: objects nested too deeply") from exc
 
     # -- items ---------------------------------------------------------------
     def _item(self) -> Any:
@@ -542,10 +548,11 @@ class _RStreamReader:
         if not isinstance(info, RObject) or info.sexptype != LISTSXP or not info.value:
             raise self._error("corrupt R data: bad ALTREP class information")
         cls = info.value[0][1]
-        cls_name = cls.value if isinstance(cls, RObject) else str(cls)
-        obj = _expand_altrep(cls_name, state)
+        if not isinstance(cls, RObject) or cls.sexptype != SYMSXP:
+            raise self._error("corrupt R data: ALTREP class is not a symbol")
+        obj = _expand_altrep(cls.value, state)
         if obj is None:
-            raise self._error(f"unsupported R object: ALTREP class {cls_name!r}")
+            raise self._error(f"unsupported or corrupt R object: ALTREP class {cls.value!r} with this state")
         obj.attributes = self._attributes(attr)
         return obj
 
@@ -556,8 +563,12 @@ def _expand_altrep(cls_name: str, state: Any) -> RObject | None:
         if not isinstance(state, RObject) or state.sexptype not in (REALSXP, INTSXP) or len(state.value) != 3:
             return None
         n, start, step = (float(v) for v in state.value)
+        if not all(math.isfinite(v) for v in (n, start, step)) or not 0 <= n <= _MAX_COMPACT_SEQ:
+            return None
         seq = start + step * np.arange(int(n), dtype=np.float64)
         if cls_name == "compact_intseq":
+            if seq.size and (np.abs(seq).max() > 2**31 - 1 or seq.min() == NA_INTEGER):
+                return None
             return RObject(INTSXP, seq.astype(np.int32))
         return RObject(REALSXP, seq)
     if cls_name.startswith("wrap_"):
@@ -956,7 +967,7 @@ def _hf_text(name: str) -> str:
     if name == "wikitext2":
         return "\n\n".join(ds["text"])
     if name == "ptb":
-        return " ".join(ds["sentence"])
+        return "\n\n".join(ds["sentence"])
     return " ".join(ds[:1100]["text"])
 
 
@@ -970,7 +981,7 @@ def load_text(source: str) -> str:
           plain ``"austen"`` means Emma.
         * ``"mobydick"`` — see :func:`mobydick_text`.
         * ``"wikitext2"`` — WikiText-2 (raw) test split joined with ``"\\n\\n"``;
-          ``"ptb"`` — PTB validation sentences joined with ``" "``; ``"c4"`` — the
+          ``"ptb"`` — PTB validation sentences joined with ``"\n\n"``; ``"c4"`` — the
           first 1100 documents of C4's first validation shard joined with ``" "``
           (GPTQ then keeps the first ``256 * seqlen`` tokens: pass ``max_tokens``
           to :func:`sqllm.evaluate.perplexity`). These need the optional

@@ -68,7 +68,9 @@ def load_squeezellm_checkpoint(checkpoint: Union[str, os.PathLike], model: nn.Mo
         are loaded into it.
     wbits : bit width; default from ``quant_config.json`` beside the file.
     include_sparse : load the Dense-and-Sparse part when present.
-    group_axis : "row" or "column"; default from the lookup-table shape.
+    group_axis : "row" or "column"; default from the lookup-table shape, which
+        cannot tell them apart for a square layer: pass ``"column"`` for
+        checkpoints of the row-grouping variant (seed 002).
     """
     path = Path(checkpoint)
     bits = _wbits(path, wbits)

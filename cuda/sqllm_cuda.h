@@ -1,0 +1,94 @@
+// sqllm_cuda.h -- host API of the CUDA LUT kernels (library target sqllm_cuda).
+//
+// Framework free: raw device pointers, shapes and a stream (cudaStream_t
+// passed as void*, nullptr = the legacy default stream).  Every function
+// validates its arguments and throws sqllm::Error with the shapes in the
+// message; launch errors (cudaGetLastError) are thrown the same way.  Calls
+// are asynchronous with respect to the host.
+//
+// The format (docs/formats.md, sqllm/packing.hpp):
+//   y[b, o] = sum_i x[b, i] * W[o, i]  (+ sum_{k in CSR row o} values[k] * x[b, col_idx[k]])
+//   codes   uint32 [out, W], W = packed_words(in, bits), row-major;
+//   tables  float32 [out, 2^bits] (row grouping) or [in, 2^bits] (column grouping);
+//   CSR     optional: row_ptr int32 [out + 1], col_idx int32 [nnz], values fp16 [nnz];
+//   x       [batch, in] with row stride x_stride (elements, >= in), y [batch, out]
+//           contiguous, both of `dtype`.
+#pragma once
+
+#include <cstdint>
+
+#include "sqllm/float_emu.hpp"
+
+namespace sqllm {
+namespace cuda {
+
+/// Element type of activations and outputs.
+enum class DType : int { F16 = 0, BF16 = 1, F32 = 2 };
+
+/// Which kernel computes the product.
+///   Auto  -- the tuned kernel ("fast") when precision.mode == FP32, dtype is
+///            F16/BF16, bits is 2, 3 or 4 (and its shared memory fits);
+///            otherwise the exact kernel (FP32 arithmetic for mode FP32).
+///            The fast kernel accumulates in fp32 with FMAs in an unspecified
+///            order; its error is that of an fp32 dot product.
+///   Exact -- the reproducible kernel: bit for bit the CPU reference
+///            sqllm::reference::lut_matmul_precision in every precision mode.
+enum class Kernel : int { Auto = 0, Exact = 1 };
+
+struct LutMatmulArgs {
+  const void* x = nullptr;  ///< [batch, in], dtype, row stride x_stride
+  void* y = nullptr;        ///< [batch, out], dtype, contiguous
+  std::int64_t batch = 0;   ///< 0 is a no-op
+  std::int64_t in = 0;
+  std::int64_t out = 0;
+  std::int64_t x_stride = 0;  ///< 0 means `in`
+  int bits = 0;               ///< 1..8 (fast kernel: 2, 3, 4)
+  const std::uint32_t* codes = nullptr;
+  const float* tables = nullptr;
+  bool column_grouping = false;
+  const std::int32_t* csr_row_ptr = nullptr;  ///< null: no sparse part
+  const std::int32_t* csr_col_idx = nullptr;
+  const void* csr_values = nullptr;  ///< fp16 [nnz]
+  std::int64_t nnz = 0;
+  DType dtype = DType::F16;
+  PrecisionConfig precision{};  ///< FP32 / FP16 / Emulated{mul, acc formats}
+  Kernel kernel = Kernel::Auto;
+  void* stream = nullptr;  ///< cudaStream_t
+};
+
+/// y = x * W^T (+ sparse part).  Batches above 16 are processed in launches of
+/// 16 rows by the fast kernel (callers with large batches should prefer
+/// dequantize + a GEMM).  CSR entries whose column index is outside [0, in)
+/// are ignored on the device (validate them on the host once).
+void lut_matmul(const LutMatmulArgs& args);
+
+struct DequantizeArgs {
+  const std::uint32_t* codes = nullptr;
+  const float* tables = nullptr;
+  std::int64_t in = 0;
+  std::int64_t out = 0;
+  int bits = 0;  ///< 1..8
+  bool column_grouping = false;
+  /// Optional sparse part added to W (CSR over [out, in]); the sum is formed in
+  /// fp32 and rounded once.  Column indices of a row must be distinct or
+  /// adjacent (sorted CSR); of non-adjacent duplicates the last run wins.
+  const std::int32_t* csr_row_ptr = nullptr;
+  const std::int32_t* csr_col_idx = nullptr;
+  const void* csr_values = nullptr;  ///< fp16 [nnz]
+  std::int64_t nnz = 0;
+  void* w = nullptr;  ///< [out, in] of dtype, contiguous
+  DType dtype = DType::F16;
+  void* stream = nullptr;
+};
+
+/// W[o, i] = table value of code (o, i), rounded to dtype (nearest even).
+void dequantize(const DequantizeArgs& args);
+
+/// Number of CUDA devices; 0 when there is no driver or no device (never throws).
+int device_count();
+
+/// Largest batch the fast kernel handles in one launch.
+constexpr int kFastMaxBatch = 16;
+
+}  // namespace cuda
+}  // namespace sqllm
