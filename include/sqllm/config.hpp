@@ -8,9 +8,7 @@
 #endif
 
 // Full unrolling hint that every compiler we build with understands.
-#if defined(__CUDACC__)
-#define SQLLM_UNROLL _Pragma("unroll")
-#elif defined(__clang__)
+#if defined(__CUDA_ARCH__) || defined(__clang__)
 #define SQLLM_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__)
 #define SQLLM_UNROLL _Pragma("GCC unroll 32")

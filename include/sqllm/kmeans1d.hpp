@@ -11,8 +11,9 @@
 //  * Exact  -- the globally optimal clustering, Ckmeans.1d.dp style: a
 //    dynamic program over contiguous partitions with the divide-and-conquer
 //    optimisation (the optimal split index is monotone because the 1-D SSE
-//    cost is Monge) plus the Knuth bound opt[q-1][j] <= opt[q][j].
-//    O(k m log m) time, (k-2)(m-k+1) 32-bit split indices.
+//    cost is Monge) plus the Knuth bound opt[q-1][j] <= opt[q][j]; the inner
+//    argmin runs 2 (SSE2) or 4 (AVX2, detected at run time) candidates at a
+//    time.  O(k m log m) time, (k-2)(m-k+1) 32-bit split indices.
 //  * Lloyd  -- fast and deterministic.  The distinct values are grouped into
 //    about max(64, 8k) bins of roughly equal weighted SSE (greedy, the bin SSE
 //    predicted by high-resolution quantisation theory, so bins are narrow
@@ -57,8 +58,15 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__SSE2__)
+// SIMD paths (same arithmetic as the scalar code); -DSQLLM_KMEANS_NO_SIMD
+// keeps only the scalar code (used to test it).
+#if defined(__SSE2__) && !defined(SQLLM_KMEANS_NO_SIMD)
+#define SQLLM_KMEANS_SSE2 1
 #include <emmintrin.h>
+#endif
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(SQLLM_KMEANS_NO_SIMD)
+#define SQLLM_KMEANS_AVX2 1
+#include <immintrin.h>
 #endif
 
 #include "sqllm/error.hpp"
@@ -302,7 +310,7 @@ bool finite_minmax(const T* x, std::size_t n, T* lo_out, T* hi_out) {
   return bad == 0;
 }
 
-#if defined(__SSE2__)
+#if defined(SQLLM_KMEANS_SSE2)
 // The scalar loop does not vectorise (min/max with NaN semantics); these do.
 inline bool finite_minmax(const float* x, std::size_t n, float* lo_out, float* hi_out) {
   const __m128 inf = _mm_set1_ps(std::numeric_limits<float>::infinity());
@@ -365,12 +373,12 @@ inline bool finite_minmax(const double* x, std::size_t n, double* lo_out, double
 /// from prefix sums Q* (q* = Q*[j]).  A zero-weight range has S1 == S2 == 0
 /// exactly, so it divides by 1 instead of 0.  SSE2 evaluates two i at a time
 /// with the same operations as the scalar loop.
-inline std::size_t dp_scan(const double* D, const double* Q0, const double* Q1, const double* Q2,
-                           double q0, double q1, double q2, std::size_t lo, std::size_t hi,
-                           double* min_out) {
+inline std::size_t dp_scan_sse2(const double* D, const double* Q0, const double* Q1,
+                                const double* Q2, double q0, double q1, double q2, std::size_t lo,
+                                std::size_t hi, double* min_out) {
   double best = std::numeric_limits<double>::infinity();
   std::size_t arg = lo, i = lo;
-#if defined(__SSE2__)
+#if defined(SQLLM_KMEANS_SSE2)
   if (hi - lo >= 3) {
     const __m128d vq0 = _mm_set1_pd(q0), vq1 = _mm_set1_pd(q1), vq2 = _mm_set1_pd(q2);
     const __m128d one = _mm_set1_pd(1.0), zero = _mm_setzero_pd(), two = _mm_set1_pd(2.0);
@@ -407,6 +415,73 @@ inline std::size_t dp_scan(const double* D, const double* Q0, const double* Q1, 
   }
   *min_out = best;
   return arg;
+}
+
+#if defined(SQLLM_KMEANS_AVX2)
+/// dp_scan_sse2 with four i at a time (AVX2, chosen at run time); the same
+/// operations, so the same result.
+__attribute__((target("avx2"))) inline std::size_t dp_scan_avx2(
+    const double* D, const double* Q0, const double* Q1, const double* Q2, double q0, double q1,
+    double q2, std::size_t lo, std::size_t hi, double* min_out) {
+  double best = std::numeric_limits<double>::infinity();
+  std::size_t arg = lo, i = lo;
+  if (hi - lo >= 7) {
+    const __m256d vq0 = _mm256_set1_pd(q0), vq1 = _mm256_set1_pd(q1), vq2 = _mm256_set1_pd(q2);
+    const __m256d one = _mm256_set1_pd(1.0), zero = _mm256_setzero_pd(), four = _mm256_set1_pd(4.0);
+    __m256d vbest = _mm256_set1_pd(best), varg = _mm256_setzero_pd();
+    const double d0 = static_cast<double>(i);
+    __m256d vidx = _mm256_set_pd(d0 + 3, d0 + 2, d0 + 1, d0);
+    for (; i + 3 <= hi; i += 4) {
+      __m256d W = _mm256_sub_pd(vq0, _mm256_loadu_pd(Q0 + i));
+      const __m256d s1 = _mm256_sub_pd(vq1, _mm256_loadu_pd(Q1 + i));
+      const __m256d s2 = _mm256_sub_pd(vq2, _mm256_loadu_pd(Q2 + i));
+      W = _mm256_blendv_pd(one, W, _mm256_cmp_pd(W, zero, _CMP_GT_OQ));
+      const __m256d val = _mm256_add_pd(_mm256_loadu_pd(D + i),
+                                        _mm256_sub_pd(s2, _mm256_div_pd(_mm256_mul_pd(s1, s1), W)));
+      const __m256d lt = _mm256_cmp_pd(val, vbest, _CMP_LT_OQ);
+      vbest = _mm256_blendv_pd(vbest, val, lt);
+      varg = _mm256_blendv_pd(varg, vidx, lt);
+      vidx = _mm256_add_pd(vidx, four);
+    }
+    double b[4], a[4];
+    _mm256_storeu_pd(b, vbest);
+    _mm256_storeu_pd(a, varg);
+    int l = 0;
+    for (int u = 1; u < 4; ++u) {  // first minimum
+      if (b[u] < b[l] || (b[u] == b[l] && a[u] < a[l])) l = u;
+    }
+    best = b[l];
+    arg = static_cast<std::size_t>(a[l]);
+  }
+  for (; i <= hi; ++i) {
+    const double W = q0 - Q0[i];
+    const double s1 = q1 - Q1[i];
+    const double val = D[i] + ((q2 - Q2[i]) - s1 * s1 / (W > 0 ? W : 1.0));
+    const bool lt = val < best;
+    best = lt ? val : best;
+    arg = lt ? i : arg;
+  }
+  *min_out = best;
+  return arg;
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return has;
+}
+#endif
+
+/// One step of the k-means DP (see dp_scan_sse2): AVX2 when the CPU has it.
+inline std::size_t dp_scan(const double* D, const double* Q0, const double* Q1, const double* Q2,
+                           double q0, double q1, double q2, std::size_t lo, std::size_t hi,
+                           double* min_out) {
+#if defined(SQLLM_KMEANS_AVX2)
+  if (hi - lo >= 7 && cpu_has_avx2()) return dp_scan_avx2(D, Q0, Q1, Q2, q0, q1, q2, lo, hi, min_out);
+#endif
+  return dp_scan_sse2(D, Q0, Q1, Q2, q0, q1, q2, lo, hi, min_out);
 }
 
 }  // namespace detail

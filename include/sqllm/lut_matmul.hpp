@@ -15,6 +15,8 @@
 #include <exception>
 #include <vector>
 
+#include <Eigen/Core>
+
 #include "sqllm/csr.hpp"
 #include "sqllm/detail/lut_matmul_avx2.hpp"
 #include "sqllm/dispatch.hpp"
@@ -61,6 +63,62 @@ inline float dot(const float* a, const float* b, std::size_t n) {
 #pragma omp simd reduction(+ : s)
   for (std::size_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+/// Batches of at least this many rows take the blocked-GEMM path.
+constexpr std::size_t kGemmMinBatch = 64;
+
+/// Large batches (prefill): decode a tile of TILE rows of Ŵ into a
+/// thread-local buffer and multiply it with all of x through Eigen's GEMM, so
+/// the arithmetic runs at BLAS speed while Ŵ is never materialised whole.
+template <int BITS, bool ROW>
+void lut_matmul_gemm(const float* x, std::size_t batch, std::size_t in, std::size_t out,
+                     const std::uint32_t* codes, const float* tables, const CsrView* csr,
+                     float* y, int num_threads) {
+  using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  constexpr std::size_t TILE = 64;
+  const std::ptrdiff_t ntiles = static_cast<std::ptrdiff_t>((out + TILE - 1) / TILE);
+  const Eigen::Map<const RowMat> X(x, static_cast<Eigen::Index>(batch), static_cast<Eigen::Index>(in));
+#ifdef _OPENMP
+  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    RowMat tile(static_cast<Eigen::Index>(TILE), static_cast<Eigen::Index>(in));
+    std::vector<float> sparse_vals;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (std::ptrdiff_t t = 0; t < ntiles; ++t) {
+      const std::size_t o0 = static_cast<std::size_t>(t) * TILE;
+      const std::size_t nr = std::min(TILE, out - o0);
+      for (std::size_t r = 0; r < nr; ++r)
+        decode_row<BITS, ROW>(codes, tables, in, o0 + r, tile.data() + r * in);
+      Eigen::Map<RowMat, 0, Eigen::OuterStride<>> Y(y + o0, static_cast<Eigen::Index>(batch),
+                                                   static_cast<Eigen::Index>(nr),
+                                                   Eigen::OuterStride<>(static_cast<Eigen::Index>(out)));
+      Y.noalias() = X * tile.topRows(static_cast<Eigen::Index>(nr)).transpose();
+      if (csr != nullptr) {
+        // Batch row outermost: x[b] stays in cache while the tile's entries are added.
+        const std::int32_t k0 = csr->row_ptr[o0], k1 = csr->row_ptr[o0 + nr];
+        sparse_vals.resize(static_cast<std::size_t>(k1 - k0));
+        for (std::int32_t k = k0; k < k1; ++k)
+          sparse_vals[static_cast<std::size_t>(k - k0)] = half_bits_to_float(csr->values[k]);
+        for (std::size_t b = 0; b < batch; ++b) {
+          const float* xb = x + b * in;
+          float* yb = y + b * out;
+          for (std::size_t r = 0; r < nr; ++r) {
+            const std::size_t o = o0 + r;
+            float acc = 0.0f;
+            for (std::int32_t k = csr->row_ptr[o]; k < csr->row_ptr[o + 1]; ++k)
+              acc += sparse_vals[static_cast<std::size_t>(k - k0)] * xb[csr->col_idx[k]];
+            yb[o] += acc;
+          }
+        }
+      }
+    }
+  }
+  (void)num_threads;
 }
 
 #ifdef SQLLM_HAVE_AVX2
@@ -140,6 +198,13 @@ inline void lut_matmul(const float* x, std::size_t batch, std::size_t in, std::s
   if (csr != nullptr && !csr_checked) check_csr(*csr, out, in);
   if (csr != nullptr && csr->nnz == 0) csr = nullptr;
   SQLLM_DISPATCH_BITS(bits, BITS, {
+    if (batch >= detail::kGemmMinBatch) {
+      if (axis == GroupAxis::Row)
+        detail::lut_matmul_gemm<BITS, true>(x, batch, in, out, codes, tables, csr, y, num_threads);
+      else
+        detail::lut_matmul_gemm<BITS, false>(x, batch, in, out, codes, tables, csr, y, num_threads);
+      return;
+    }
 #ifdef SQLLM_HAVE_AVX2
     if (BITS <= 4) {
       if (axis == GroupAxis::Row)

@@ -21,7 +21,7 @@ from sqllm import _C
 # ---------------------------------------------------------------------------
 # Named tolerances.  For an output y = sum_t (w_t x_t) with A = sum_t |w_t x_t|
 # (computed in float64) the fast kernel's error is bounded by
-#     |y - y64| <= U_OUT[dtype] * |y64| + (1 + U_OUT) * gamma(n) * A,
+#     |y - y64| <= U_OUT[dtype] * |y64| + (1 + U_OUT) * gamma(n) * A + U_ABS[dtype],
 # where U_OUT is the unit roundoff of the output type (one final rounding),
 # gamma(n) = n u / (1 - n u) with u = U_FP32 is the fp32 accumulation error
 # (products are fused into FMAs, so each term sees at most n roundings), and
@@ -34,6 +34,9 @@ from sqllm import _C
 U_FP32 = 2.0 ** -24
 U_OUT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 U_W = U_OUT
+# Half the smallest subnormal of the output type: the absolute rounding error
+# of outputs below the normal range.
+U_ABS = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134, torch.float32: 2.0 ** -150}
 
 
 def gamma(n: int, u: float = U_FP32) -> float:
@@ -223,6 +226,29 @@ def test_wrapper_without_cuda_raises_clearly():
     assert _C.cuda_device_count() >= 0
 
 
+@pytest.mark.skipif(not _C.cuda_compiled(), reason="sqllm built without CUDA")
+def test_cuda_entry_validates_before_touching_the_device():
+    """Runs without a GPU: argument errors name the problem and the shapes."""
+    args = dict(x=16, y=16, batch=1, in_features=64, out_features=8, x_stride=0, bits=3,
+                codes=16, tables=16, column_grouping=False, csr_row_ptr=0, csr_col_idx=0,
+                csr_values=0, nnz=0, dtype="float16", precision="fp32", mul_exp=5, mul_man=10,
+                acc_exp=8, acc_man=23, exact=False, stream=0)
+    cases = [("bits", 9, r"bits must be in 1\.\.8, got 9 \(x\[1, 64\]"),
+             ("in_features", 0, "in and out must be"),
+             ("codes", 0, r"codes and tables must be device pointers.*codes\[8, 6\] bits=3"),
+             ("dtype", "int8", "dtype must be"),
+             ("acc_man", 24, "accumulate format")]
+    for key, value, match in cases:
+        bad = dict(args, **{key: value})
+        if key == "acc_man":
+            bad["precision"] = "emulated"
+        with pytest.raises(ValueError, match=match):
+            _C.cuda_lut_matmul(**bad)
+    if _C.cuda_device_count() == 0:  # a CUDA error is reported, not a crash
+        with pytest.raises(ValueError, match="sqllm CUDA"):
+            _C.cuda_lut_matmul(**args)
+
+
 # ---------------------------------------------------------------------------
 # GPU tests.
 # ---------------------------------------------------------------------------
@@ -258,6 +284,7 @@ def _check_fast(p: Problem, y: torch.Tensor, dtype, dequant_path=False):
         bound = U_OUT[dtype] * np.abs(y64) + (1 + U_OUT[dtype]) * (U_W[dtype] + gamma(p.in_f + 1)) * a
     else:
         bound = U_OUT[dtype] * np.abs(y64) + (1 + U_OUT[dtype]) * gamma(n) * a
+    bound = bound + U_ABS[dtype]
     err = np.abs(y.float().cpu().numpy().astype(np.float64) - y64)
     worst = float((err / (bound + 1e-300)).max())
     assert worst <= 1.0, f"max err/bound = {worst}"

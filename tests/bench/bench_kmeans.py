@@ -13,10 +13,12 @@ The weighted SSE sum_i w_i (x_i - c[label_i])**2 of every method is recomputed
 here in float64 from the returned centroids and labels; the table gives the
 ratio to sklearn's (mean and worst row) and how many rows are at least as good
 as sklearn.  sklearn runs single-threaded (threadpoolctl) unless
---sklearn-threads is given.  Times are the best of --repeat runs over all rows,
+--sklearn-threads is given.  sqllm is timed before sklearn (sklearn's idle
+worker threads spin for a while after it returns).  Times are the best of
+--repeat runs over all rows,
 divided by the number of rows.
 
-Usage: python bench/bench_kmeans.py [--rows 32] [--n 4096] [--bits 3 4]
+Usage: python tests/bench/bench_kmeans.py [--rows 32] [--n 4096] [--bits 3 4]
 (sqllm._C must be importable, e.g. PYTHONPATH=python after a developer build).
 """
 
@@ -82,7 +84,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32, help="rows per bit width (default 32)")
     ap.add_argument("--n", type=int, default=4096, help="row width (default 4096)")
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4], help="bit widths (default 3 4)")
-    ap.add_argument("--repeat", type=int, default=3, help="timing repetitions, best kept (default 3)")
+    ap.add_argument("--repeat", type=int, default=5, help="timing repetitions, best kept (default 5)")
     ap.add_argument("--threads", type=int, default=0, help="threads of kmeans1d_rows (0: OpenMP default)")
     ap.add_argument("--sklearn-threads", type=int, default=1, help="threads of sklearn (default 1)")
     ap.add_argument("--seed", type=int, default=0)
@@ -107,15 +109,8 @@ def main() -> None:
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     for bits in args.bits:
         k = 1 << bits
-        if threadpool_limits is not None:
-            with threadpool_limits(limits=args.sklearn_threads):
-                sk_sse, sk_once = run_sklearn(x, w, k)
-                t_sk = best_time(sk_once, args.repeat) / args.rows
-        else:
-            sk_sse, sk_once = run_sklearn(x, w, k)
-            t_sk = best_time(sk_once, args.repeat) / args.rows
-        sk = np.array(sk_sse)
-
+        # sqllm first: right after sklearn, its idle OpenMP / OpenBLAS worker
+        # threads keep spinning for a while and steal cores from our threads.
         results: list[tuple[str, float, np.ndarray]] = []
         for method in ("exact", "lloyd"):
             def single(method: str = method) -> list[float]:
@@ -142,6 +137,16 @@ def main() -> None:
 
             results.append((f"sqllm {method}, kmeans1d_rows ({nthreads} threads)",
                             best_time(rows_timed, args.repeat) / args.rows, sse))
+
+        if threadpool_limits is not None:
+            with threadpool_limits(limits=args.sklearn_threads):
+                sk_sse, sk_once = run_sklearn(x, w, k)
+                t_sk = best_time(sk_once, args.repeat) / args.rows
+        else:
+            sk_sse, sk_once = run_sklearn(x, w, k)
+            t_sk = best_time(sk_once, args.repeat) / args.rows
+        sk = np.array(sk_sse)
+        time.sleep(1.0)  # let sklearn's worker threads go idle before the next bit width
 
         print(f"| {bits} | {k} | sklearn KMeans | {t_sk * 1e6:.0f} | 1.0 | 1.000 | 1.000 | {args.rows}/{args.rows} |")
         for name, t, sse in results:

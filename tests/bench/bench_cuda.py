@@ -23,8 +23,8 @@ Targets (batch 1): 3-bit >= 3.5x cuBLAS and >= 70 % of copy bandwidth; 4-bit >=
 3x.  ``--check`` exits with status 1 when a target is missed.
 
 Usage (needs a CUDA device and sqllm built with CUDA):
-    python bench/bench_cuda.py                      # the default table
-    python bench/bench_cuda.py --shapes 4096x4096 --bits 3 --batch 1 --iters 500
+    python tests/bench/bench_cuda.py                      # the default table
+    python tests/bench/bench_cuda.py --shapes 4096x4096 --bits 3 --batch 1 --iters 500
 """
 from __future__ import annotations
 
@@ -160,8 +160,11 @@ def main(argv=None) -> int:
                     per_row = max(1, int(round(args.sparsity * in_f)))
                     nnz = per_row * out_f
                     row_ptr = torch.arange(0, nnz + 1, per_row, dtype=torch.int32, device="cuda")
-                    col_idx = torch.randint(0, in_f, (nnz,), dtype=torch.int32, device="cuda",
-                                            generator=gen)
+                    # distinct, spread-out columns per row (canonical CSR)
+                    k = torch.arange(per_row, device="cuda")
+                    o = torch.arange(out_f, device="cuda")[:, None]
+                    col_idx = ((o * 7 + k * (in_f // per_row)) % in_f).sort(dim=1).values
+                    col_idx = col_idx.reshape(-1).to(torch.int32)
                     values = (torch.randn(nnz, device="cuda", generator=gen) * 0.1).half()
                     csr = (row_ptr, col_idx, values)
 
