@@ -41,7 +41,7 @@ std::string describe(const LutMatmulArgs& a) {
 
 void check_cuda(cudaError_t e, const char* what, const std::string& context) {
   if (e != cudaSuccess) {
-    throw Error(::sqllm::detail::concat("sqllm CUDA: ", what, " failed: ", cudaGetErrorName(e), " (",
+    throw RuntimeFailure(::sqllm::detail::concat("sqllm CUDA: ", what, " failed: ", cudaGetErrorName(e), " (",
                                         cudaGetErrorString(e), ") for ", context));
   }
 }

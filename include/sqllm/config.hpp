@@ -10,6 +10,8 @@
 // Full unrolling hint that every compiler we build with understands.
 #if defined(__CUDA_ARCH__) || defined(__clang__)
 #define SQLLM_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__)
+#define SQLLM_UNROLL /* nvcc's host pass: its front end knows neither spelling */
 #elif defined(__GNUC__)
 #define SQLLM_UNROLL _Pragma("GCC unroll 32")
 #else

@@ -17,6 +17,13 @@ class Error : public std::invalid_argument {
   explicit Error(const std::string& what) : std::invalid_argument(what) {}
 };
 
+/// A failure of the machine rather than of the arguments (a CUDA launch or
+/// runtime error).  Python sees RuntimeError.
+class RuntimeFailure : public std::runtime_error {
+ public:
+  explicit RuntimeFailure(const std::string& what) : std::runtime_error(what) {}
+};
+
 namespace detail {
 inline void append_all(std::ostringstream&) {}
 template <class T, class... Rest>
