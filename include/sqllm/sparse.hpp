@@ -79,22 +79,15 @@ inline void sparse_select(const float* W, const float* S, std::size_t n, const S
     for (std::size_t k = 0; k < lo; ++k) keep[idx[k]] = 1;
   }
   if (hi > 0) {
+    // The exact reverse of by_value, so the two tails are disjoint whenever
+    // lo + hi <= n (checked above), ties included.
     auto by_value_desc = [W](std::uint32_t a, std::uint32_t c) {
-      return W[a] > W[c] || (W[a] == W[c] && a < c);
+      return W[a] > W[c] || (W[a] == W[c] && a > c);
     };
     std::iota(idx.begin(), idx.end(), 0u);
     std::nth_element(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(hi - 1), idx.end(),
                      by_value_desc);
-    std::size_t taken = 0;
-    // The two tails can only overlap when nearly everything is kept; the
-    // budget check above and lo + hi <= n make the union exactly lo + hi
-    // unless a value is in both, in which case extra ones are taken below.
-    for (std::size_t k = 0; k < n && taken < hi; ++k) {
-      if (!keep[idx[k]]) {
-        keep[idx[k]] = 1;
-        ++taken;
-      }
-    }
+    for (std::size_t k = 0; k < hi; ++k) keep[idx[k]] = 1;
   }
   // Sensitive values among the rest.
   if (b.sensitive > 0 && S != nullptr) {

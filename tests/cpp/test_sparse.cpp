@@ -38,6 +38,20 @@ TEST_CASE("sparse_select keeps exactly the budgeted outliers and sensitive value
   REQUIRE(keep == expect);
 }
 
+TEST_CASE("sparse_select with tied values keeps exactly the budget", "[sparse]") {
+  std::vector<float> W(10, 0.5f);  // every value tied
+  W[3] = -1.0f;
+  SparseBudget b;
+  b.outliers = 10;  // the whole matrix: both tails must not overlap
+  std::vector<std::uint8_t> keep(10);
+  sparse_select(W.data(), nullptr, 10, b, keep.data());
+  REQUIRE(std::count(keep.begin(), keep.end(), 1) == 10);
+  b.outliers = 4;
+  sparse_select(W.data(), nullptr, 10, b, keep.data());
+  REQUIRE(std::count(keep.begin(), keep.end(), 1) == 4);
+  REQUIRE(keep[3] == 1);  // the minimum is in the low tail
+}
+
 TEST_CASE("sparse budget follows the fraction and share", "[sparse]") {
   SparseBudget b = sparse_budget(100000, 0.0045, 1.0 / 9.0, true);
   REQUIRE(b.outliers + b.sensitive == 450);
