@@ -99,8 +99,6 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     if unknown:
         raise ValueError(f"method {method!r} has no option(s) {sorted(unknown)}")
     qm = cls(**given)
-    if hasattr(qm, "validate"):
-        qm.validate()
 
     layers = find_linear_layers(model, exclude=exclude)
     if not layers:

@@ -31,7 +31,6 @@ def find_linear_layers(model: nn.Module, exclude: Iterable[str] = ("lm_head",),
     and any module whose name or last name component is in ``exclude`` are
     left out.
     """
-    skip = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) and not include_output_embeddings else None
     excl = set(exclude)
@@ -39,7 +38,7 @@ def find_linear_layers(model: nn.Module, exclude: Iterable[str] = ("lm_head",),
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or mod is out_emb:
             continue
-        if name in excl or name.rsplit(".", 1)[-1] in excl or name in skip:
+        if name in excl or name.rsplit(".", 1)[-1] in excl:
             continue
         layers[name] = mod
     return layers
