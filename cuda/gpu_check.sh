@@ -11,7 +11,10 @@
 #   test      pytest tests/python/test_cuda.py (GPU tests included).
 #   sanitize  compute-sanitizer memcheck over a subset of those tests.
 #   bench     python tests/bench/bench_cuda.py [bench options] (markdown table).
-#   all       build, test, sanitize, bench (the default).
+#   e2e       python tests/bench/bench_generate.py: greedy-generation tokens/s,
+#             quantized (3 and 4 bits) vs fp16, for a random LLaMA with 7B
+#             widths (8 layers) and for SmolLM2-135M.
+#   all       build, test, sanitize, bench, e2e (the default).
 #
 # Logs go to $OUT when it is set (the device tool's result folder), else $BUILD.
 # Eigen: the system's (find_package(Eigen3)) or, when the machine has none, the
@@ -89,19 +92,30 @@ do_bench() {
   PYTHONPATH="$ROOT/python" $PY "$ROOT/tests/bench/bench_cuda.py" "$@" 2>&1 | tee "$LOGDIR/bench.md"
 }
 
+do_e2e() {
+  local rc=0
+  PYTHONPATH="$ROOT/python" $PY "$ROOT/tests/bench/bench_generate.py" --model llama-random -q "$@" \
+    2>&1 | tee "$LOGDIR/e2e_llama.md" || rc=$?
+  PYTHONPATH="$ROOT/python" $PY "$ROOT/tests/bench/bench_generate.py" --model smollm2 -q "$@" \
+    2>&1 | tee "$LOGDIR/e2e_smollm2.md" || rc=$?
+  return $rc
+}
+
 case "$step" in
   build) do_build || status=$? ;;
   test) do_test || status=$? ;;
   sanitize) do_sanitize || status=$? ;;
   bench) do_bench "$@" || status=$? ;;
+  e2e) do_e2e "$@" || status=$? ;;
   all)
     do_build || exit $?
     do_test || status=$?
     do_sanitize || status=$?
     do_bench "$@" || status=$?
+    do_e2e || status=$?
     ;;
   *)
-    echo "usage: bash cuda/gpu_check.sh [all|build|test|sanitize|bench] [bench options]" >&2
+    echo "usage: bash cuda/gpu_check.sh [all|build|test|sanitize|bench|e2e] [options]" >&2
     exit 2
     ;;
 esac

@@ -1,4 +1,4 @@
-// Explicit instantiation of the fast LUT GEMV for BITS=4 (fp16/bf16 x row/column
+// Explicit instantiation of the fast LUT GEMV for BITS=4 (fp16/bf16/fp32 x row/column
 // grouping x batch tiles 1, 2, 4, 8, 16).  One file per width keeps the
 // compile parallel; the implementation is lut_kernels.cuh.
 #include "lut_kernels.cuh"

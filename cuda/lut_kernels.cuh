@@ -2,7 +2,7 @@
 // of the fast GEMV, the reproducible ("exact") matmul and the dequantizer.
 // Internal to the sqllm_cuda library (included by the .cu files only).
 //
-// Fast kernel (batch <= 16, bits 2/3/4, fp16/bf16, row or column grouping)
+// Fast kernel (batch <= 16, bits 2/3/4, fp16/bf16/fp32, row or column grouping)
 // -----------------------------------------------------------------------
 // Memory bound: every code word is read once for all batch rows.
 //   * A block has NW warps; warp w owns R consecutive output rows.  The codes
@@ -49,6 +49,21 @@
 #include "sqllm/dispatch.hpp"
 #include "sqllm/float_emu.hpp"
 #include "sqllm/packing.hpp"
+#include "sqllm_cuda.h"
+
+// Kernel launches and dynamic shared memory go through these two macros so
+// that the same sources also compile as plain C++ against the host emulator
+// in cuda/emulation (the CPU-side tests of these kernels, see
+// tests/cpp/cuda_emulation).
+#if defined(SQLLM_CUDA_EMULATION)
+#define SQLLM_KERNEL_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::sqllm_emu::launch(kernel, grid, block, smem, stream, __VA_ARGS__)
+#define SQLLM_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::sqllm_emu::dynamic_shared())
+#else
+#define SQLLM_KERNEL_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define SQLLM_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 namespace sqllm {
 namespace cuda {
@@ -150,7 +165,7 @@ __global__ void __launch_bounds__(fast_warps(NB) * 32)
   constexpr bool BQ = NB >= 4;  // float4 of x = 4 batch rows of one column
   static_assert(!BQ || NB % 4 == 0, "batch tile must be 1, 2 or a multiple of 4");
 
-  extern __shared__ float4 fast_smem[];
+  SQLLM_DYNAMIC_SHARED(float4, fast_smem);
   float4* xs = fast_smem;  // NB * tk floats
   float* tab = reinterpret_cast<float*>(fast_smem) + static_cast<std::size_t>(NB) * p.tk;
 
@@ -380,21 +395,21 @@ cudaError_t launch_fast(const FastParams& p, std::size_t smem, cudaStream_t stre
   }
   constexpr int rows_per_block = fast_warps(NB) * fast_rows(NB);
   const unsigned grid = static_cast<unsigned>((p.out + rows_per_block - 1) / rows_per_block);
-  kernel<<<grid, fast_warps(NB) * 32, smem, stream>>>(p);
+  SQLLM_KERNEL_LAUNCH(kernel, grid, fast_warps(NB) * 32, smem, stream, p);
   return cudaGetLastError();
 }
 
 /// The per-width entry point (explicitly instantiated in lut_fast_b<BITS>.cu):
 /// dispatches activation type, grouping and batch tile.
 template <int BITS>
-cudaError_t launch_fast_bits(const FastParams& p, bool bf16, bool col, int nb, std::size_t smem,
+cudaError_t launch_fast_bits(const FastParams& p, DType dtype, bool col, int nb, std::size_t smem,
                              cudaStream_t stream);
 template <>
-cudaError_t launch_fast_bits<2>(const FastParams&, bool, bool, int, std::size_t, cudaStream_t);
+cudaError_t launch_fast_bits<2>(const FastParams&, DType, bool, int, std::size_t, cudaStream_t);
 template <>
-cudaError_t launch_fast_bits<3>(const FastParams&, bool, bool, int, std::size_t, cudaStream_t);
+cudaError_t launch_fast_bits<3>(const FastParams&, DType, bool, int, std::size_t, cudaStream_t);
 template <>
-cudaError_t launch_fast_bits<4>(const FastParams&, bool, bool, int, std::size_t, cudaStream_t);
+cudaError_t launch_fast_bits<4>(const FastParams&, DType, bool, int, std::size_t, cudaStream_t);
 
 /// The fast kernel's widths; the one switch over them (default: throws).
 #define SQLLM_DISPATCH_FAST_BITS(bits, NAME, ...)                                           \
@@ -407,37 +422,43 @@ cudaError_t launch_fast_bits<4>(const FastParams&, bool, bool, int, std::size_t,
                                                    " for the fast CUDA kernel (supported: 2, 3, 4)")); \
   }
 
-#define SQLLM_FAST_NB_CASES(BITS, T, COL)                                \
-  switch (nb) {                                                          \
-    case 1:                                                              \
-      return launch_fast<BITS, T, COL, 1>(p, smem, stream);              \
-    case 2:                                                              \
-      return launch_fast<BITS, T, COL, 2>(p, smem, stream);              \
-    case 4:                                                              \
-      return launch_fast<BITS, T, COL, 4>(p, smem, stream);              \
-    case 8:                                                              \
-      return launch_fast<BITS, T, COL, 8>(p, smem, stream);              \
-    case 16:                                                             \
-      return launch_fast<BITS, T, COL, 16>(p, smem, stream);             \
-    default:                                                             \
-      return cudaErrorInvalidValue;                                      \
+template <int BITS, class T, bool COL>
+cudaError_t launch_fast_tile(const FastParams& p, int nb, std::size_t smem, cudaStream_t stream) {
+  switch (nb) {
+    case 1:
+      return launch_fast<BITS, T, COL, 1>(p, smem, stream);
+    case 2:
+      return launch_fast<BITS, T, COL, 2>(p, smem, stream);
+    case 4:
+      return launch_fast<BITS, T, COL, 4>(p, smem, stream);
+    case 8:
+      return launch_fast<BITS, T, COL, 8>(p, smem, stream);
+    case 16:
+      return launch_fast<BITS, T, COL, 16>(p, smem, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
+}
 
-#define SQLLM_DEFINE_LAUNCH_FAST_BITS(BITS)                                                   \
-  template <>                                                                                 \
-  cudaError_t launch_fast_bits<BITS>(const FastParams& p, bool bf16, bool col, int nb,        \
-                                     std::size_t smem, cudaStream_t stream) {                 \
-    if (bf16) {                                                                               \
-      if (col) {                                                                              \
-        SQLLM_FAST_NB_CASES(BITS, __nv_bfloat16, true)                                        \
-      } else {                                                                                \
-        SQLLM_FAST_NB_CASES(BITS, __nv_bfloat16, false)                                       \
-      }                                                                                       \
-    }                                                                                         \
-    if (col) {                                                                                \
-      SQLLM_FAST_NB_CASES(BITS, __half, true)                                                 \
-    }                                                                                         \
-    SQLLM_FAST_NB_CASES(BITS, __half, false)                                                  \
+template <int BITS, class T>
+cudaError_t launch_fast_grouping(const FastParams& p, bool col, int nb, std::size_t smem, cudaStream_t stream) {
+  return col ? launch_fast_tile<BITS, T, true>(p, nb, smem, stream)
+             : launch_fast_tile<BITS, T, false>(p, nb, smem, stream);
+}
+
+#define SQLLM_DEFINE_LAUNCH_FAST_BITS(BITS)                                                       \
+  template <>                                                                                     \
+  cudaError_t launch_fast_bits<BITS>(const FastParams& p, DType dtype, bool col, int nb,          \
+                                     std::size_t smem, cudaStream_t stream) {                     \
+    switch (dtype) {                                                                              \
+      case DType::F16:                                                                            \
+        return launch_fast_grouping<BITS, __half>(p, col, nb, smem, stream);                      \
+      case DType::BF16:                                                                           \
+        return launch_fast_grouping<BITS, __nv_bfloat16>(p, col, nb, smem, stream);               \
+      case DType::F32:                                                                            \
+        return launch_fast_grouping<BITS, float>(p, col, nb, smem, stream);                       \
+    }                                                                                             \
+    return cudaErrorInvalidValue;                                                                 \
   }
 
 // ---------------------------------------------------------------------------

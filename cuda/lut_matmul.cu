@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <ostream>
 #include <string>
 #include <type_traits>
 
@@ -28,21 +29,48 @@ const char* dtype_name(DType d) {
   return "invalid";
 }
 
-std::string describe(const LutMatmulArgs& a) {
+/// The problem in words, for error messages; streamed only when a message
+/// is built (calls that succeed format nothing).
+struct Describe {
+  const LutMatmulArgs& a;
+};
+std::ostream& operator<<(std::ostream& os, const Describe& d) {
+  const LutMatmulArgs& a = d.a;
   const std::int64_t K = (a.bits >= 1 && a.bits <= 8) ? (std::int64_t{1} << a.bits) : 0;
   const std::int64_t W =
       (a.bits >= 1 && a.bits <= 8 && a.in > 0) ? static_cast<std::int64_t>(packed_words(a.in, a.bits)) : 0;
-  return ::sqllm::detail::concat(
-      "x[", a.batch, ", ", a.in, "] ", dtype_name(a.dtype), ", codes[", a.out, ", ", W, "] bits=", a.bits,
-      ", tables[", a.column_grouping ? a.in : a.out, ", ", K, "] ",
-      a.column_grouping ? "column" : "row", " grouping, y[", a.batch, ", ", a.out, "], nnz=", a.nnz,
-      ", precision=", precision_name(a.precision.mode));
+  return os << "x[" << a.batch << ", " << a.in << "] " << dtype_name(a.dtype) << ", codes[" << a.out << ", " << W
+            << "] bits=" << a.bits << ", tables[" << (a.column_grouping ? a.in : a.out) << ", " << K << "] "
+            << (a.column_grouping ? "column" : "row") << " grouping, y[" << a.batch << ", " << a.out
+            << "], nnz=" << a.nnz << ", precision=" << precision_name(a.precision.mode);
 }
 
-void check_cuda(cudaError_t e, const char* what, const std::string& context) {
+/// One fast-kernel launch: the problem plus the launch's tiling.
+struct DescribeFast {
+  Describe problem;
+  int nb, tk;
+  std::size_t smem;
+};
+std::ostream& operator<<(std::ostream& os, const DescribeFast& d) {
+  return os << d.problem << ", batch tile " << d.nb << ", tile columns " << d.tk << ", shared memory " << d.smem
+            << " B";
+}
+
+struct DescribeDequant {
+  const DequantizeArgs& a;
+};
+std::ostream& operator<<(std::ostream& os, const DescribeDequant& d) {
+  const DequantizeArgs& a = d.a;
+  const std::int64_t K = (a.bits >= 1 && a.bits <= 8) ? (std::int64_t{1} << a.bits) : 0;
+  return os << "codes[" << a.out << ", W] bits=" << a.bits << ", tables[" << (a.column_grouping ? a.in : a.out)
+            << ", " << K << "], W_out[" << a.out << ", " << a.in << "] " << dtype_name(a.dtype) << ", nnz=" << a.nnz;
+}
+
+template <class Context>
+void check_cuda(cudaError_t e, const char* what, const Context& context) {
   if (e != cudaSuccess) {
     throw RuntimeFailure(::sqllm::detail::concat("sqllm CUDA: ", what, " failed: ", cudaGetErrorName(e), " (",
-                                        cudaGetErrorString(e), ") for ", context));
+                                                 cudaGetErrorString(e), ") for ", context));
   }
 }
 
@@ -72,7 +100,7 @@ int batch_tile(std::int64_t rows) {
 std::size_t dtype_size(DType d) { return d == DType::F32 ? 4 : 2; }
 
 void validate(const LutMatmulArgs& a) {
-  const std::string ctx = describe(a);
+  const Describe ctx{a};
   SQLLM_CHECK(a.bits >= kMinBits && a.bits <= kMaxBits, "lut_matmul: bits must be in 1..8, got ",
               a.bits, " (", ctx, ")");
   SQLLM_CHECK(a.batch >= 0, "lut_matmul: batch must be >= 0 (", ctx, ")");
@@ -104,7 +132,7 @@ void validate(const LutMatmulArgs& a) {
 }
 
 template <class T>
-void launch_exact_typed(const LutMatmulArgs& a, const std::string& ctx) {
+void launch_exact_typed(const LutMatmulArgs& a, const Describe& ctx) {
   detail::ExactParams p{};
   p.x = a.x;
   p.y = a.y;
@@ -125,12 +153,13 @@ void launch_exact_typed(const LutMatmulArgs& a, const std::string& ctx) {
   const auto stream = static_cast<cudaStream_t>(a.stream);
   visit_precision(a.precision, [&](const auto& ar) {
     using Arith = std::decay_t<decltype(ar)>;
-    detail::lut_matmul_exact_kernel<T, Arith><<<grid, detail::kExactWarps * 32, 0, stream>>>(p, ar);
+    auto kernel = detail::lut_matmul_exact_kernel<T, Arith>;
+    SQLLM_KERNEL_LAUNCH(kernel, grid, detail::kExactWarps * 32, 0, stream, p, ar);
   });
   check_cuda(cudaGetLastError(), "exact LUT matmul launch", ctx);
 }
 
-void launch_exact(const LutMatmulArgs& a, const std::string& ctx) {
+void launch_exact(const LutMatmulArgs& a, const Describe& ctx) {
   switch (a.dtype) {
     case DType::F16:
       return launch_exact_typed<__half>(a, ctx);
@@ -143,7 +172,7 @@ void launch_exact(const LutMatmulArgs& a, const std::string& ctx) {
 
 /// Launch the fast kernel for all batch rows (tiles of <= 16); returns false
 /// (nothing launched) if its shared memory does not fit this device.
-bool try_launch_fast(const LutMatmulArgs& a, const std::string& ctx) {
+bool try_launch_fast(const LutMatmulArgs& a, const Describe& ctx) {
   const int K = 1 << a.bits;
   const int optin = max_smem_optin();
   const int nb_max = batch_tile(a.batch);
@@ -173,15 +202,12 @@ bool try_launch_fast(const LutMatmulArgs& a, const std::string& ctx) {
     p.nnz = a.csr_row_ptr != nullptr ? a.nnz : 0;
     p.tk = detail::fast_tile_columns(a.in, nb, a.column_grouping, K);
     const std::size_t smem = detail::fast_smem_bytes(nb, a.column_grouping, K, p.tk);
-    const bool bf16 = a.dtype == DType::BF16;
     const auto stream = static_cast<cudaStream_t>(a.stream);
     cudaError_t err = cudaSuccess;
     SQLLM_DISPATCH_FAST_BITS(a.bits, BITS, {
-      err = detail::launch_fast_bits<BITS>(p, bf16, a.column_grouping, nb, smem, stream);
+      err = detail::launch_fast_bits<BITS>(p, a.dtype, a.column_grouping, nb, smem, stream);
     });
-    check_cuda(err, "fast LUT GEMV launch", ::sqllm::detail::concat(ctx, ", batch tile ", nb,
-                                                                     ", tile columns ", p.tk,
-                                                                     ", shared memory ", smem, " B"));
+    check_cuda(err, "fast LUT GEMV launch", DescribeFast{ctx, nb, p.tk, smem});
   }
   return true;
 }
@@ -191,18 +217,15 @@ bool try_launch_fast(const LutMatmulArgs& a, const std::string& ctx) {
 void lut_matmul(const LutMatmulArgs& a) {
   validate(a);
   if (a.batch == 0) return;
-  const std::string ctx = describe(a);
-  const bool fast = a.kernel == Kernel::Auto && a.precision.mode == Precision::FP32 &&
-                    a.dtype != DType::F32 && a.bits >= 2 && a.bits <= 4;
+  const Describe ctx{a};
+  const bool fast =
+      a.kernel == Kernel::Auto && a.precision.mode == Precision::FP32 && a.bits >= 2 && a.bits <= 4;
   if (fast && try_launch_fast(a, ctx)) return;
   launch_exact(a, ctx);
 }
 
 void dequantize(const DequantizeArgs& a) {
-  const std::int64_t K = (a.bits >= 1 && a.bits <= 8) ? (std::int64_t{1} << a.bits) : 0;
-  const std::string ctx = ::sqllm::detail::concat(
-      "codes[", a.out, ", W] bits=", a.bits, ", tables[", a.column_grouping ? a.in : a.out, ", ", K,
-      "], W_out[", a.out, ", ", a.in, "] ", dtype_name(a.dtype), ", nnz=", a.nnz);
+  const DescribeDequant ctx{a};
   SQLLM_CHECK(a.bits >= kMinBits && a.bits <= kMaxBits, "dequantize: bits must be in 1..8, got ",
               a.bits, " (", ctx, ")");
   SQLLM_CHECK(a.in >= 1 && a.out >= 1, "dequantize: in and out must be >= 1 (", ctx, ")");
@@ -236,10 +259,12 @@ void dequantize(const DequantizeArgs& a) {
   const unsigned sgrid = static_cast<unsigned>((a.out + 255) / 256);
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    detail::dequantize_kernel<T><<<grid, 256, 0, stream>>>(p);
+    auto dense_kernel = detail::dequantize_kernel<T>;
+    SQLLM_KERNEL_LAUNCH(dense_kernel, grid, 256, 0, stream, p);
     check_cuda(cudaGetLastError(), "dequantize launch", ctx);
     if (a.csr_row_ptr != nullptr && a.nnz > 0) {
-      detail::dequantize_sparse_kernel<T><<<sgrid, 256, 0, stream>>>(p);
+      auto sparse_kernel = detail::dequantize_sparse_kernel<T>;
+      SQLLM_KERNEL_LAUNCH(sparse_kernel, sgrid, 256, 0, stream, p);
       check_cuda(cudaGetLastError(), "dequantize (sparse part) launch", ctx);
     }
   };

@@ -26,8 +26,8 @@ namespace cuda {
 enum class DType : int { F16 = 0, BF16 = 1, F32 = 2 };
 
 /// Which kernel computes the product.
-///   Auto  -- the tuned kernel ("fast") when precision.mode == FP32, dtype is
-///            F16/BF16, bits is 2, 3 or 4 (and its shared memory fits);
+///   Auto  -- the tuned kernel ("fast") when precision.mode == FP32 and bits
+///            is 2, 3 or 4 (and its shared memory fits), any dtype;
 ///            otherwise the exact kernel (FP32 arithmetic for mode FP32).
 ///            The fast kernel accumulates in fp32 with FMAs in an unspecified
 ///            order; its error is that of an fp32 dot product.

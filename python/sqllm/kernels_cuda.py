@@ -14,11 +14,11 @@ grouping); the optional Dense-and-Sparse part is a CSR tuple
 Precision modes of :func:`lut_matmul_cuda`:
 
 ``"fast"`` (default)
-    The tuned kernel (bits 2-4, float16/bfloat16 activations, batch <= 16):
-    fp32 FMA accumulation in an unspecified order, one rounding to the output
-    type.  Larger batches dequantize the weight to ``x.dtype`` and call
-    ``torch.matmul`` (cuBLAS).  Other widths or float32 activations use the
-    exact kernel in fp32.
+    The tuned kernel (bits 2-4, float16/bfloat16/float32 activations, batch
+    <= 16): fp32 FMA accumulation in an unspecified order, one rounding to
+    the output type.  Larger batches dequantize the weight to ``x.dtype`` and
+    call ``torch.matmul`` (cuBLAS).  Other widths use the exact kernel in
+    fp32.
 ``"fp32"``, ``"fp16"``, ``"emulated"``
     The reproducible kernel: bit for bit equal to the CPU reference
     ``sqllm._C.lut_matmul_reference`` (same arithmetic, same summation order;
@@ -28,12 +28,14 @@ Precision modes of :func:`lut_matmul_cuda`:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 __all__ = [
     "FAST_MAX_BATCH",
+    "LutMatmulPlan",
     "PRECISIONS",
     "cuda_compiled",
     "dequantize_cuda",
@@ -49,6 +51,7 @@ PRECISIONS = ("fast", "fp32", "fp16", "emulated")
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _GROUP_AXES = ("row", "column")
 CsrTuple = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_NO_SWITCH = contextlib.nullcontext()
 
 
 def _module():
@@ -173,7 +176,7 @@ def lut_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, 
     -------
     torch.Tensor (..., out_features)
     """
-    C = _require_cuda_build()
+    _require_cuda_build()
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.device.type != "cuda":
@@ -183,38 +186,91 @@ def lut_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, 
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., in_features={in_features}), "
                          f"got {tuple(x.shape)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    emu = tuple(emu)
-    if len(emu) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in emu):
-        raise ValueError(f"emu must be 4 ints (mul_exp, mul_man, acc_exp, acc_man), got {emu!r}")
-    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
-        raise TypeError(f"out_dtype must be a torch.dtype or None, got {out_dtype!r}")
-    device = x.device
-    sp = _check_common(codes, tables, bits, in_features, out_features, group_axis, csr, device)
-
+    plan = LutMatmulPlan(codes, tables, bits, in_features, out_features, group_axis, csr,
+                         device=x.device)
     lead = tuple(x.shape[:-1])
-    x2 = x.reshape(-1, in_features)
-    batch = int(x2.shape[0])
-    result_dtype = out_dtype or x.dtype
-    if batch == 0:
-        return torch.empty(lead + (out_features,), dtype=result_dtype, device=device)
+    y = plan(x.reshape(-1, in_features), precision=precision, emu=emu, out_dtype=out_dtype)
+    return y.reshape(lead + (out_features,))
 
-    if precision == "fast" and batch > FAST_MAX_BATCH:
-        w = dequantize_cuda(codes, tables, bits, in_features, out_features, group_axis, csr,
-                            dtype=x.dtype)
-        y = torch.matmul(x2, w.t())
-        return y.reshape(lead + (out_features,)).to(result_dtype)
 
-    if x2.stride(-1) != 1 or (batch > 1 and x2.stride(0) < in_features):
-        x2 = x2.contiguous()
-    x_stride = int(x2.stride(0)) if batch > 1 else in_features
-    y = torch.empty((batch, out_features), dtype=x.dtype, device=device)
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        C.cuda_lut_matmul(x2.data_ptr(), y.data_ptr(), batch, in_features, out_features, x_stride,
-                          bits, codes.data_ptr(), tables.data_ptr(), group_axis == "column",
-                          sp[0], sp[1], sp[2], sp[3], _DTYPE_NAMES[x.dtype],
-                          "fp32" if precision == "fast" else precision, emu[0], emu[1], emu[2],
-                          emu[3], precision != "fast", stream)
-    return y.reshape(lead + (out_features,)).to(result_dtype)
+class LutMatmulPlan:
+    """The validated, fixed arguments of :func:`lut_matmul_cuda` for one layer.
+
+    Construction checks the codes, tables and CSR once (devices, dtypes,
+    shapes, contiguity) and keeps references to them; calling the plan on a
+    2-D activation ``x2 (N, in_features)`` then only checks ``x2`` and
+    launches.  ``QuantLinear`` keeps one per layer so that a decode step pays
+    for the launch, not for re-validating its buffers.  ``device`` defaults
+    to the device of ``codes``; every tensor must be on it.
+    """
+
+    __slots__ = ("_C", "device", "bits", "in_features", "out_features", "group_axis",
+                 "codes", "tables", "csr", "_sp")
+
+    def __init__(self, codes: torch.Tensor, tables: torch.Tensor, bits: int, in_features: int,
+                 out_features: int, group_axis: str = "row", csr: Optional[CsrTuple] = None,
+                 device: Optional[torch.device] = None) -> None:
+        self._C = _require_cuda_build()
+        if device is None:
+            if not isinstance(codes, torch.Tensor) or codes.device.type != "cuda":
+                raise ValueError("codes must be a CUDA tensor, got "
+                                 f"{codes.device if isinstance(codes, torch.Tensor) else type(codes)}")
+            device = codes.device
+        self.device = torch.device(device)
+        self._sp = _check_common(codes, tables, bits, in_features, out_features, group_axis, csr,
+                                 self.device)
+        self.bits, self.in_features, self.out_features = bits, in_features, out_features
+        self.group_axis = group_axis
+        self.codes, self.tables = codes, tables
+        self.csr = csr if self._sp[3] > 0 else None
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_cuda(self.codes, self.tables, self.bits, self.in_features,
+                               self.out_features, self.group_axis, self.csr, dtype=dtype)
+
+    def __call__(self, x2: torch.Tensor, precision: str = "fast",
+                 emu: Sequence[int] = (5, 10, 8, 23),
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``x2 (N, in_features)`` -> ``(N, out_features)``; see :func:`lut_matmul_cuda`."""
+        if not isinstance(x2, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x2).__name__}")
+        if x2.device != self.device:
+            raise ValueError(f"x must be on {self.device} (the device of codes), got {x2.device}")
+        if x2.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"x must be float16, bfloat16 or float32, got {x2.dtype}")
+        if x2.dim() != 2 or x2.shape[1] != self.in_features:
+            raise ValueError(f"x must have shape (N, in_features={self.in_features}), "
+                             f"got {tuple(x2.shape)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        emu = tuple(emu)
+        if len(emu) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in emu):
+            raise ValueError(f"emu must be 4 ints (mul_exp, mul_man, acc_exp, acc_man), got {emu!r}")
+        if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+            raise TypeError(f"out_dtype must be a torch.dtype or None, got {out_dtype!r}")
+        batch = int(x2.shape[0])
+        result_dtype = out_dtype or x2.dtype
+        if batch == 0:
+            return torch.empty((0, self.out_features), dtype=result_dtype, device=self.device)
+
+        if precision == "fast" and batch > FAST_MAX_BATCH:
+            y = torch.matmul(x2, self.dequantize(x2.dtype).t())
+            return y if y.dtype == result_dtype else y.to(result_dtype)
+
+        if x2.stride(-1) != 1 or (batch > 1 and x2.stride(0) < self.in_features):
+            x2 = x2.contiguous()
+        x_stride = int(x2.stride(0)) if batch > 1 else self.in_features
+        y = torch.empty((batch, self.out_features), dtype=x2.dtype, device=self.device)
+        sp = self._sp
+        # Launch on x's device (switching only when it is not the current one)
+        # and on that device's current stream.
+        switch = self.device.index is not None and self.device.index != torch.cuda.current_device()
+        with torch.cuda.device(self.device) if switch else _NO_SWITCH:
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            self._C.cuda_lut_matmul(
+                x2.data_ptr(), y.data_ptr(), batch, self.in_features, self.out_features, x_stride,
+                self.bits, self.codes.data_ptr(), self.tables.data_ptr(),
+                self.group_axis == "column", sp[0], sp[1], sp[2], sp[3], _DTYPE_NAMES[x2.dtype],
+                "fp32" if precision == "fast" else precision, emu[0], emu[1], emu[2], emu[3],
+                precision != "fast", stream)
+        return y if y.dtype == result_dtype else y.to(result_dtype)

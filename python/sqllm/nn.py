@@ -85,7 +85,8 @@ class QuantLinearBase(nn.Module):
         raise NotImplementedError
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (N, in) -> (N, out) fp32, without the bias."""
+        """x2 (N, in) -> (N, out) without the bias: fp32, or x2's dtype when the
+        layer has no bias (forward() casts to x's dtype either way)."""
         raise NotImplementedError
 
     def layer_config(self) -> Dict[str, Any]:
@@ -121,8 +122,11 @@ class QuantLinearBase(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             y = x2.new_zeros((0, self.out_features), dtype=torch.float32)
-        else:
+        elif torch.is_grad_enabled() and x2.requires_grad:
             y = _QuantMatmul.apply(x2, self)
+        else:  # inference: no autograd node (a decode step calls this per layer)
+            self._note_backend(x2.device)
+            y = self._matmul(x2)
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
         return y.to(x.dtype).reshape(*lead, self.out_features)
@@ -155,6 +159,14 @@ class _QuantMatmul(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None]:  # type: ignore[override]
         w = ctx.layer.dequantize().to(grad.device)
         return grad.to(torch.float32) @ w, None
+
+
+def _version_of(t: torch.Tensor) -> int:
+    """The in-place version counter (-1 for inference tensors, which have none)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return -1
 
 
 def _u32(t: torch.Tensor) -> np.ndarray:
@@ -205,6 +217,7 @@ class QuantLinear(QuantLinearBase):
         self.register_buffer("sparse_col_idx", torch.zeros(int(nnz), dtype=torch.int32))
         self.register_buffer("sparse_values", torch.zeros(int(nnz), dtype=torch.float16))
         self._sparse_checked = False
+        self._cache: Dict[str, Any] = {}
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -316,6 +329,44 @@ class QuantLinear(QuantLinearBase):
     def nnz(self) -> int:
         return int(self.sparse_values.numel())
 
+    def _buffer_key(self) -> Tuple[Any, ...]:
+        bufs = (self.qweight, self.lookup_table, self.sparse_row_ptr, self.sparse_col_idx,
+                self.sparse_values)
+        return bufs + tuple(_version_of(b) for b in bufs)
+
+    def _cached(self, kind: str, build: Any) -> Any:
+        """``build()`` once per state of the buffers: a new buffer object
+        (``.to()``, ``.half()``, loading a checkpoint of another nnz) or an
+        in-place change (its version counter) rebuilds it."""
+        key = self._buffer_key()
+        hit = self._cache.get(kind)
+        if hit is not None and all(a is b or (type(a) is int and a == b)
+                                   for a, b in zip(hit[0], key)):
+            return hit[1]
+        value = build()
+        self._cache[kind] = (key, value)
+        return value
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = {}  # views and device plans are rebuilt on use
+        return state
+
+    def _cpu_operands(self) -> Tuple[np.ndarray, np.ndarray, Any]:
+        return self._cached("cpu", lambda: (_u32(self.qweight), self._tables_np(),
+                                            self._sparse_np()))
+
+    def _cuda_plan(self) -> Any:
+        from .kernels_cuda import LutMatmulPlan
+
+        def build() -> LutMatmulPlan:
+            csr = ((self.sparse_row_ptr, self.sparse_col_idx, self.sparse_values)
+                   if self.nnz else None)
+            return LutMatmulPlan(self.qweight, self.lookup_table.float().contiguous(), self.bits,
+                                 self.in_features, self.out_features, self.group_axis, csr)
+
+        return self._cached("cuda", build)
+
     def _sparse_np(self) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         if self.nnz == 0:
             return None
@@ -374,20 +425,21 @@ class QuantLinear(QuantLinearBase):
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device.type == "cuda":
-            from .kernels_cuda import lut_matmul_cuda
-
-            csr = ((self.sparse_row_ptr, self.sparse_col_idx, self.sparse_values)
-                   if self.nnz else None)
-            return lut_matmul_cuda(x2, self.qweight, self.lookup_table.float(), self.bits,
-                                   self.in_features, self.out_features, self.group_axis,
-                                   csr=csr, out_dtype=torch.float32)
+            if x2.device != self.qweight.device:
+                raise ValueError(f"input is on {x2.device} but the layer's buffers are on "
+                                 f"{self.qweight.device}")
+            # Without a bias the kernel's output (one rounding to x's dtype)
+            # is the result; with one, the sum is formed in fp32 (forward()).
+            return self._cuda_plan()(
+                x2, out_dtype=torch.float32 if self.bias is not None else None)
         if x2.device.type != "cpu":
             raise ValueError(f"QuantLinear runs on CPU or CUDA tensors, got device {x2.device}")
         if not self._sparse_checked:
             self.validate()
+        codes, tables, sparse = self._cpu_operands()
         xf = x2.detach().to(torch.float32).contiguous()
-        y = _C.lut_matmul(xf.numpy(), _u32(self.qweight), self._tables_np(),
-                          self.bits, self.in_features, self.group_axis, self._sparse_np(), 0, True)
+        y = _C.lut_matmul(xf.numpy(), codes, tables, self.bits, self.in_features,
+                          self.group_axis, sparse, 0, True)
         return torch.from_numpy(y)
 
     def extra_repr(self) -> str:

