@@ -117,6 +117,10 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     import sqllm
 
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     if args.device == "auto":
         device = torch.device("cuda" if sqllm.has_cuda() else "cpu")
     else:
