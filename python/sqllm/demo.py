@@ -80,8 +80,8 @@ def run_demo(bits: Iterable[int] = (4, 3), sparsities: Iterable[float] = (0.0,),
         print(f"saved the last model to {save}")
 
     print()
-    print(f"| model | bits/weight (quantized layers) | size MiB | perplexity | time s |")
-    print(f"|---|---|---|---|---|")
+    print("| model | bits/weight (quantized layers) | size MiB | perplexity | time s |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['bpw']:.3f} | {r['mib']:.1f} | {r['ppl']:.3f} | "
               f"{r['seconds']:.1f} |")

@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 import torch.nn.functional as F
