@@ -347,6 +347,25 @@ class QuantLinear(QuantLinearBase):
         self._cache[kind] = (key, value)
         return value
 
+    #: Buffers whose dtype is part of the format: ``.half()``, ``.float()``,
+    #: ``.to(dtype)`` move them between devices but never convert them (a
+    #: model-wide ``.to(torch.bfloat16)`` would otherwise round the tables and
+    #: reinterpret the fp16 sparse values).
+    _FIXED_DTYPE_BUFFERS = ("lookup_table", "sparse_values")
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "QuantLinear":
+        # .to()/.cuda()/.half() replace the buffers: drop what the cache holds
+        # (it would otherwise keep the old copies alive).
+        self._cache = {}
+        before = {n: self._buffers[n] for n in self._FIXED_DTYPE_BUFFERS
+                  if self._buffers.get(n) is not None}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return out
+
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = {}  # views and device plans are rebuilt on use
@@ -409,6 +428,7 @@ class QuantLinear(QuantLinearBase):
                 self.sparse_col_idx = torch.zeros(n, dtype=torch.int32, device=self.qweight.device)
                 self.sparse_values = torch.zeros(n, dtype=torch.float16, device=self.qweight.device)
         self._sparse_checked = False
+        self._cache = {}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- math -------------------------------------------------------------
@@ -424,10 +444,10 @@ class QuantLinear(QuantLinearBase):
         return w.to(self.qweight.device)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.device != self.qweight.device:
+            raise ValueError(f"input is on {x2.device} but the layer's buffers are on "
+                             f"{self.qweight.device}")
         if x2.device.type == "cuda":
-            if x2.device != self.qweight.device:
-                raise ValueError(f"input is on {x2.device} but the layer's buffers are on "
-                                 f"{self.qweight.device}")
             # Without a bias the kernel's output (one rounding to x's dtype)
             # is the result; with one, the sum is formed in fp32 (forward()).
             return self._cuda_plan()(

@@ -201,3 +201,44 @@ def test_corrupt_sparse_part_is_rejected():
     q2.load_state_dict(sd)
     with pytest.raises(ValueError, match="strictly increasing|out of range"):
         q2.validate()
+
+
+def test_cached_operands_follow_in_place_changes_moves_and_pickling():
+    import gc
+    import io
+    import weakref
+
+    x = torch.randn(3, 80, generator=torch.Generator().manual_seed(0))
+    q0 = QuantLinear.from_linear(_linear(24, 80, bias=False, seed=3), bits=3, sparsity=0.02)
+    with torch.no_grad():
+        y1 = q0(x)
+        q0.lookup_table.mul_(2.0)  # in place: the cached views must see it
+        q0.sparse_values.mul_(2.0)
+        y2 = q0(x)
+    # Doubling every weight doubles each fp32 product and partial sum exactly.
+    assert torch.equal(y2, 2 * y1)
+
+    q = QuantLinear.from_linear(_linear(24, 80, bias=True, seed=3), bits=3, sparsity=0.02)
+    # Dtype casts move the bias but never the format's own buffers.
+    for cast in (lambda m: m.to(torch.float64), lambda m: m.half(), lambda m: m.float()):
+        cast(q)
+        assert q.lookup_table.dtype == torch.float32 and q.sparse_values.dtype == torch.float16
+        assert q.qweight.dtype == torch.int32
+    assert q.bias.dtype == torch.float32
+    # The bias went through fp16 (.half()) and back; the weights did not move.
+    q_ref = QuantLinear.from_linear(_linear(24, 80, bias=True, seed=3), bits=3, sparsity=0.02)
+    with torch.no_grad():
+        q_ref.bias.copy_(q.bias)
+    assert torch.equal(q(x), q_ref(x))
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    q2 = torch.load(buf, weights_only=False)
+    assert torch.equal(q2(x), q(x))
+    with pytest.raises(ValueError, match="buffers are on cpu"):
+        q(torch.empty(2, 80, device="meta"))
+    # Moving the layer releases the old buffers (the cache holds none of them).
+    old = weakref.ref(q.qweight)
+    q.to("meta")
+    gc.collect()
+    assert old() is None
