@@ -478,11 +478,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t smem, cudaS
     }
   }
   current_block() = saved;
-  if (!error.empty()) {
-    set_error(cudaErrorLaunchFailure, error);
-  } else {
-    // A successful launch leaves earlier (non-sticky) errors in place, as CUDA does.
-  }
+  // A successful launch leaves an earlier (non-sticky) error in place, as CUDA does.
+  if (!error.empty()) set_error(cudaErrorLaunchFailure, error);
 }
 
 }  // namespace sqllm_emu
