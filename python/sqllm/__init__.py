@@ -23,12 +23,15 @@ from .calibration import find_linear_layers, fisher_diagonal
 from .io import load_quantized, read_quantization_config, save_quantized
 from .methods import METHODS, QuantMethod, get_method, register_method
 from .nn import FORMATS, QuantLinear, QuantLinearBase, register_format
+from .nn_uniform import UniformQuantLinear
+from .gptq import GptqResult, gptq_quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMATS",
     "FORMAT_VERSION",
+    "GptqResult",
     "METHODS",
     "QuantLinear",
     "QuantLinearBase",
@@ -36,6 +39,7 @@ __all__ = [
     "find_linear_layers",
     "fisher_diagonal",
     "get_method",
+    "gptq_quantize",
     "has_cuda",
     "kmeans1d",
     "load_quantized",
@@ -45,6 +49,7 @@ __all__ = [
     "register_method",
     "save_quantized",
     "size_report",
+    "UniformQuantLinear",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, Optional, Type
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 from torch import nn
 
 from .nn import QuantLinear, QuantLinearBase
+from .nn_uniform import UniformQuantLinear, check_uniform_options
 
-__all__ = ["QuantMethod", "METHODS", "register_method", "get_method", "SqueezeLLM", "RTN"]
+__all__ = ["QuantMethod", "METHODS", "register_method", "get_method", "SqueezeLLM", "RTN", "GPTQ"]
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,16 @@ class QuantMethod:
     """Base of all methods.  Options are dataclass fields (documented defaults).
 
     Subclasses set ``name``, say whether they need calibration data
-    (``needs_calibration``), and implement :meth:`quantize_layer`; methods that
-    need statistics implement :meth:`collect` (called once per model).
+    (``needs_calibration``) and which per-layer statistics (``stats``, e.g.
+    ``("hessian",)``: ``quantize_layer`` then receives ``stats["hessian"][name]``,
+    XᵀX summed in float64, and ``stats["hessian_count"][name]``, the rows of X),
+    and implement :meth:`quantize_layer`; :meth:`collect` gathers the
+    statistics in memory (a block streamer may gather them instead).
     """
 
     name = ""
     needs_calibration = False
+    stats: ClassVar[Tuple[str, ...]] = ()
 
     bits: int = 3
 
@@ -83,6 +88,12 @@ class SqueezeLLM(QuantMethod):
     weighted : bool
         Weight the k-means by the Fisher diagonal (False = plain k-means, no
         calibration needed).
+    gptq : bool
+        SqueezeLLM with GPTQ error feedback: the lookup tables come from the
+        k-means as usual, then GPTQ assigns the codes column by column (nearest
+        table entry of the updated weight), spreading each column's error over
+        the columns not yet assigned.  Needs the Hessian XᵀX; row tables and
+        dense-only (sparsity 0).
     """
 
     name = "squeezellm"
@@ -93,64 +104,162 @@ class SqueezeLLM(QuantMethod):
     sparsity: float = 0.0
     sensitive_fraction: float = 1.0 / 9.0
     weighted: bool = True
+    gptq: bool = False
 
     def __post_init__(self) -> None:
-        if not self.weighted:
-            self.needs_calibration = False
+        stats = []
+        if self.weighted:
+            stats.append("fisher")
+        if self.gptq:
+            if self.group_axis not in ("row",):
+                raise ValueError("squeezellm with gptq=True needs group_axis='row' (one table per "
+                                 f"row), got {self.group_axis!r}")
+            if self.sparsity:
+                raise ValueError("squeezellm with gptq=True is dense-only (sparsity=0), got "
+                                 f"sparsity={self.sparsity}")
+            stats.append("hessian")
+        self.stats = tuple(stats)  # type: ignore[misc]  # per instance: depends on options
+        self.needs_calibration = bool(stats)
 
     def collect(self, model: nn.Module, layers: Dict[str, nn.Linear],
                 batches: Optional[torch.Tensor], progress: bool) -> Dict[str, Any]:
-        if not self.weighted:
+        if not self.stats:
             return {}
-        from .calibration import fisher_diagonal
-
         if batches is None:
             raise ValueError("squeezellm needs calibration data for the Fisher diagonal "
                              "(pass calibration=..., a precomputed sensitivity=, or weighted=False)")
-        return {"fisher": fisher_diagonal(model, batches, layers, progress=progress)}
+        out: Dict[str, Any] = {}
+        if "fisher" in self.stats:
+            from .calibration import fisher_diagonal
+
+            out["fisher"] = fisher_diagonal(model, batches, layers, progress=progress)
+        if "hessian" in self.stats:
+            from .gptq import collect_hessians
+
+            out.update(collect_hessians(model, layers, batches, progress=progress))
+        return out
 
     def quantize_layer(self, name: str, linear: nn.Linear,
                        stats: Dict[str, Any]) -> QuantLinearBase:
         fisher = stats.get("fisher", {}).pop(name, None) if self.weighted else None
         if self.weighted and fisher is None:
             raise ValueError(f"no sensitivity for layer {name!r}")
-        return QuantLinear.from_linear(linear, bits=self.bits, sensitivity=fisher,
-                                       group_axis=self.group_axis, kmeans=self.kmeans,
-                                       sparsity=self.sparsity,
-                                       sensitive_fraction=self.sensitive_fraction)
+        layer = QuantLinear.from_linear(linear, bits=self.bits, sensitivity=fisher,
+                                        group_axis=self.group_axis, kmeans=self.kmeans,
+                                        sparsity=self.sparsity,
+                                        sensitive_fraction=self.sensitive_fraction)
+        if self.gptq:
+            from . import _C
+            from .gptq import hessian_for_gptq
+            import numpy as np
+
+            h = hessian_for_gptq(stats, name)
+            w = linear.weight.detach().to("cpu", torch.float32).contiguous().numpy()
+            packed, _, _ = _C.gptq_lut(w, h.numpy(), layer.lookup_table.float().numpy(),
+                                       self.bits)
+            layer.qweight.copy_(torch.from_numpy(packed.view(np.int32)))
+        return layer
 
 
 @register_method
 @dataclasses.dataclass
 class RTN(QuantMethod):
-    """Baseline: round-to-nearest onto a uniform min-max grid per output row.
+    """Baseline: round-to-nearest onto uniform min-max grids (the ``uniform`` format).
 
-    Stored in the same lookup-table format (a uniform table is a special
-    case), so it runs on the same kernels and compares like for like.
+    Attributes
+    ----------
+    bits : int
+        2..8.
+    group_size : int
+        -1 (one grid per output row) or 32, 64, 128 input columns per grid.
+    sym : bool
+        Symmetric grids (zero point 2^(bits-1)).
     """
 
     name = "rtn"
 
+    group_size: int = -1
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        check_uniform_options(self.bits, self.group_size)
+
     def quantize_layer(self, name: str, linear: nn.Linear,
                        stats: Dict[str, Any]) -> QuantLinearBase:
         from . import _C
-        import numpy as np
 
-        w = linear.weight.detach().to("cpu", torch.float32)
-        if not torch.isfinite(w).all():
-            raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
-        levels = 2 ** self.bits
-        lo = w.min(dim=1, keepdim=True).values
-        hi = w.max(dim=1, keepdim=True).values
-        scale = (hi - lo).clamp_min(1e-12) / (levels - 1)
-        codes = torch.round((w - lo) / scale).clamp_(0, levels - 1).to(torch.uint8)
-        table = lo + scale * torch.arange(levels, dtype=torch.float32)
-        out_f, in_f = w.shape
-        layer = QuantLinear(in_f, out_f, self.bits, "row", bias=linear.bias is not None,
-                            bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32)
-        packed = _C.pack_codes(codes.numpy(), self.bits)
-        layer.qweight.copy_(torch.from_numpy(packed.view(np.int32)))
-        layer.lookup_table.copy_(table)
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias.detach())
-        return layer
+        w = linear.weight.detach().to("cpu", torch.float32).contiguous()
+        try:
+            packed, scales, zeros = _C.uniform_rtn(w.numpy(), self.bits, self.group_size, self.sym)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
+        return UniformQuantLinear.from_packed(packed, scales, zeros, w.shape[1], self.bits,
+                                              self.group_size, bias=linear.bias)
+
+
+@register_method
+@dataclasses.dataclass
+class GPTQ(QuantMethod):
+    """GPTQ (Frantar et al.): uniform grids, codes chosen column by column with
+    second-order error feedback from the layer's input Hessian.
+
+    Attributes
+    ----------
+    bits : int
+        2..8.
+    group_size : int
+        -1 or 32, 64, 128.
+    act_order : bool
+        Quantize columns by decreasing Hessian diagonal.
+    blocksize : int
+        Columns per lazy-update block.
+    percdamp : float
+        Damping, a fraction of the mean Hessian diagonal.
+    static_groups : bool
+        Fit group grids before GPTQ (and before act-order's permutation).
+    sym : bool
+        Symmetric grids.
+    """
+
+    name = "gptq"
+    needs_calibration = True
+    stats = ("hessian",)
+
+    bits: int = 4
+    group_size: int = -1
+    act_order: bool = False
+    blocksize: int = 128
+    percdamp: float = 0.01
+    static_groups: bool = False
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        check_uniform_options(self.bits, self.group_size)
+        if self.blocksize < 1:
+            raise ValueError(f"blocksize must be >= 1, got {self.blocksize}")
+        if not 0.0 <= self.percdamp:
+            raise ValueError(f"percdamp must be >= 0, got {self.percdamp}")
+
+    def collect(self, model: nn.Module, layers: Dict[str, nn.Linear],
+                batches: Optional[torch.Tensor], progress: bool) -> Dict[str, Any]:
+        from .gptq import collect_hessians
+
+        if batches is None:
+            raise ValueError("gptq needs calibration data for the layer Hessians "
+                             "(pass calibration=...)")
+        return collect_hessians(model, layers, batches, progress=progress)
+
+    def quantize_layer(self, name: str, linear: nn.Linear,
+                       stats: Dict[str, Any]) -> QuantLinearBase:
+        from .gptq import gptq_quantize, hessian_for_gptq
+
+        h = hessian_for_gptq(stats, name)
+        try:
+            res = gptq_quantize(linear.weight, h, bits=self.bits, group_size=self.group_size,
+                                act_order=self.act_order, blocksize=self.blocksize,
+                                percdamp=self.percdamp, static_groups=self.static_groups,
+                                sym=self.sym, return_result=True)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
+        log.debug("gptq %s: proxy error %.4g", name, res.proxy_error)
+        return res.to_layer(bias=linear.bias)
