@@ -65,7 +65,10 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     model : nn.Module
         A transformers causal LM (or any module whose Linears should be quantized).
     method : str
-        A registered method (``sqllm.METHODS``): "squeezellm" (default) or "rtn".
+        A registered method (``sqllm.METHODS``): "squeezellm" (default), "rtn" or
+        "gptq" (the last two on the ``uniform`` format; options ``group_size``,
+        ``sym``, and for gptq ``act_order``, ``blocksize``, ``percdamp``,
+        ``static_groups``, passed as keywords).
     bits : int
         Code width.
     calibration : LongTensor [nsamples, seqlen] | str | None

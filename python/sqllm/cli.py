@@ -59,12 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=None,
                    help="local HF folder, .gguf file, or omit for the embedded SmolLM2-135M")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--method", default="squeezellm", help="squeezellm | rtn")
+    q.add_argument("--method", default="squeezellm", help="squeezellm | rtn | gptq")
     q.add_argument("--bits", type=int, default=3)
     q.add_argument("--group-axis", default="row", choices=["row", "column"])
     q.add_argument("--kmeans", default="exact", choices=["exact", "lloyd"])
     q.add_argument("--sparsity", type=float, default=0.0,
                    help="Dense-and-Sparse fraction kept in fp16 (e.g. 0.0045)")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="rtn/gptq: input columns per grid (-1, 32, 64, 128)")
+    q.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing H_ii")
     q.add_argument("--calib-text", default="austen:emma", help="calibration text source")
     q.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     q.add_argument("--seqlen", type=int, default=512, help="calibration window length")
@@ -112,10 +115,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         r = _perplexity(model, tok, args)
         print(f"fp perplexity: {r.ppl:.3f} ({r.n_tokens_evaluated} tokens, seqlen {r.seqlen})")
     t0 = time.perf_counter()
+    extra = {}
+    if args.group_size is not None:
+        extra["group_size"] = args.group_size
+    if args.act_order:
+        extra["act_order"] = True
     quantize(model, method=args.method, bits=args.bits, calibration=args.calib_text,
              tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
              group_axis=args.group_axis, sparsity=args.sparsity, kmeans=args.kmeans,
-             seed=args.seed, progress=not args.quiet)
+             seed=args.seed, progress=not args.quiet, **extra)
     dt = time.perf_counter() - t0
     rep = size_report(model)
     print(f"quantized in {dt:.1f} s; model {before / 2**20:.1f} MiB -> "
