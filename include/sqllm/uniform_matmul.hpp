@@ -20,6 +20,7 @@
 
 #include <Eigen/Core>
 
+#include "sqllm/detail/uniform_matmul_avx2.hpp"
 #include "sqllm/dispatch.hpp"
 #include "sqllm/error.hpp"
 #include "sqllm/half.hpp"
@@ -134,6 +135,41 @@ void uniform_matmul_impl(const UniformView& v, const float* x, std::size_t batch
   if (error) std::rethrow_exception(error);
 }
 
+#ifdef SQLLM_HAVE_AVX2
+/// Small batches on AVX2/FMA (2, 3, 4, 8 bits): one output row per step,
+/// codes decoded in registers, four batch rows per pass over the codes.
+template <int BITS>
+void uniform_matmul_avx2(const UniformView& v, const float* x, std::size_t batch, float* y,
+                         int num_threads) {
+  std::exception_ptr error;
+#ifdef _OPENMP
+  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    std::vector<float> sc, zc;
+    bool ok = true;
+    try {
+      sc.resize(v.groups());
+      zc.resize(v.groups());
+    } catch (...) {
+      ok = false;
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+      error = std::current_exception();
+    }
+#ifdef _OPENMP
+#pragma omp for schedule(static, 16)
+#endif
+    for (std::ptrdiff_t o = 0; o < static_cast<std::ptrdiff_t>(v.out); ++o)
+      if (ok) avx2::uniform_rows<BITS>(v, x, batch, y, static_cast<std::size_t>(o), sc.data(), zc.data());
+  }
+  (void)num_threads;
+  if (error) std::rethrow_exception(error);
+}
+#endif
+
 }  // namespace detail
 
 /// y = x · Ŵᵀ for the uniform format.  The view is validated here unless
@@ -142,7 +178,17 @@ inline void uniform_matmul(const UniformView& v, const float* x, std::size_t bat
                            int num_threads = 0, bool checked = false) {
   if (!checked) check_uniform_view(v);
   if (batch == 0) return;
-  SQLLM_DISPATCH_BITS(v.bits, BITS, { detail::uniform_matmul_impl<BITS>(v, x, batch, y, num_threads); })
+  SQLLM_DISPATCH_BITS(v.bits, BITS, {
+#ifdef SQLLM_HAVE_AVX2
+    if constexpr (detail::avx2::uniform_avx2_bits(BITS)) {
+      if (batch < detail::kUniformGemmMinBatch) {
+        detail::uniform_matmul_avx2<BITS>(v, x, batch, y, num_threads);
+        return;
+      }
+    }
+#endif
+    detail::uniform_matmul_impl<BITS>(v, x, batch, y, num_threads);
+  })
 }
 
 }  // namespace sqllm
