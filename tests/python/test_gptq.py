@@ -149,6 +149,19 @@ def test_gptq_dead_columns_and_hessian_scale():
     assert np.array_equal(res2.qweight, res.qweight)
 
 
+def test_gptq_same_result_for_any_thread_count():
+    rng = np.random.default_rng(9)
+    W = rng.standard_normal((300, 150)).astype(np.float32)  # several row chunks
+    X = correlated_x(300, 150, seed=10)
+    H = X.T @ X
+    runs = [sqllm.gptq_quantize(W, H, bits=3, group_size=32, act_order=True, blocksize=40,
+                                return_result=True, num_threads=t) for t in (1, 2, 3)]
+    for r in runs[1:]:
+        assert np.array_equal(r.qweight, runs[0].qweight)
+        assert torch.equal(r.weight, runs[0].weight)
+        assert r.proxy_error == runs[0].proxy_error
+
+
 def test_gptq_returns_a_tensor_and_accepts_torch():
     W = torch.randn(8, 64)
     H = torch.eye(64, dtype=torch.float64)
