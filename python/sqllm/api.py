@@ -11,15 +11,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import find_linear_layers
+from .config import FORMAT_VERSION, CalibrationConfig, QuantizationConfig
 from .methods import get_method
 from .nn import QuantLinearBase
 
 __all__ = ["quantize", "FORMAT_VERSION", "size_report", "set_module"]
 
 log = logging.getLogger(__name__)
-
-#: Version of sqllm's checkpoint layout (docs/formats.md).
-FORMAT_VERSION = 1
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -124,23 +122,10 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         layer_cfgs[name] = q.layer_config()
     t_total = time.perf_counter() - t0
 
-    qcfg = {
-        "quant_method": "sqllm",
-        "format_version": FORMAT_VERSION,
-        **qm.config(),
-        "modules_to_not_convert": sorted(set(exclude)),
-        "layers": layer_cfgs,
-        "calibration": {
-            "source": calibration if isinstance(calibration, str) else
-            ("tensor" if calibration is not None else None),
-            "nsamples": nsamples if isinstance(calibration, str) else
-            (int(calibration.shape[0]) if isinstance(calibration, torch.Tensor) else None),
-            "seqlen": seqlen if isinstance(calibration, str) else
-            (int(calibration.shape[1]) if isinstance(calibration, torch.Tensor) else None),
-            "seed": seed,
-            "precomputed_sensitivity": sensitivity is not None,
-        },
-    }
+    qcfg = QuantizationConfig.for_method(
+        qm, CalibrationConfig.describe(calibration, nsamples, seqlen, seed,
+                                       precomputed_sensitivity=sensitivity is not None),
+        modules_to_not_convert=exclude, layers=layer_cfgs).to_dict()
     if hasattr(model, "config"):
         model.config.quantization_config = qcfg
     log.info("quantized %d layers with %s in %.1f s (statistics %.1f s)", len(layers), method,
