@@ -52,7 +52,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
              kmeans: str = "exact", tokenizer: Any = None, seed: int = 0,
              exclude: Iterable[str] = ("lm_head",),
              sensitivity: Optional[Dict[str, torch.Tensor]] = None, progress: bool = True,
-             **options: Any) -> nn.Module:
+             method_options: Optional[Dict[str, Any]] = None, **options: Any) -> nn.Module:
     """Quantize the Linear layers of ``model`` in place and return it.
 
     Every ``nn.Linear`` is found generically (no per-architecture lists); the
@@ -79,6 +79,9 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         Precomputed Fisher diagonals (skips the gradient pass).
     progress : bool
         tqdm bars; ``False`` is quiet.
+    method_options : dict, optional
+        The method's options as a dict (what the CLI passes; needed for an
+        option named like a parameter of this function, e.g. ``seed``).
     **options :
         Further fields of the method's dataclass (e.g. ``sensitive_fraction``).
     """
@@ -93,6 +96,8 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
             given[key] = val
         elif val != default:
             raise ValueError(f"method {method!r} has no option {key!r}")
+    if method_options:
+        given.update(method_options)
     unknown = set(given) - fields
     if unknown:
         raise ValueError(f"method {method!r} has no option(s) {sorted(unknown)}")

@@ -169,7 +169,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     quantize(model, method=args.method, calibration=args.calib_text, tokenizer=tok,
              nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-             progress=not args.quiet, **_method_args(args))
+             progress=not args.quiet, method_options=_method_args(args))
     dt = time.perf_counter() - t0
     rep = size_report(model)
     print(f"quantized in {dt:.1f} s; model {before / 2**20:.1f} MiB -> "

@@ -131,9 +131,12 @@ class OptionSpec:
 _SCALARS = (bool, int, float, str)
 
 
-def _unwrap(hint: Any) -> Tuple[type, bool, bool, Optional[Tuple[Any, ...]]]:
+def _unwrap(hint: Any, default: Any = None) -> Tuple[type, bool, bool, Optional[Tuple[Any, ...]]]:
     """(scalar type, nullable, multiple, literal choices) of a field annotation."""
     nullable = multiple = False
+    if hint in (list, tuple):  # bare: the element type of the default
+        first = default[0] if isinstance(default, (list, tuple)) and default else ""
+        return type(first) if type(first) in _SCALARS else str, False, True, None
     choices = None
     origin = typing.get_origin(hint)
     if origin is typing.Union:
@@ -197,13 +200,13 @@ def method_options(cls: Type[Any]) -> List[OptionSpec]:
     for f in dataclasses.fields(cls):
         if not f.init or f.name.startswith("_"):
             continue
-        typ, nullable, multiple, choices = _unwrap(hints.get(f.name, str))
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = None
+        typ, nullable, multiple, choices = _unwrap(hints.get(f.name, str), default)
         type_line, help_text = docs.get(f.name, ("", ""))
         if "choices" in f.metadata:
             choices = tuple(f.metadata["choices"])

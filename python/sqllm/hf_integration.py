@@ -81,10 +81,10 @@ class SqllmHfQuantizer(HfQuantizer):
     quantization_config: SqllmHfConfig
 
     def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
-        super().__init__(quantization_config, **kwargs)
-        if not self.pre_quantized:
+        if not kwargs.get("pre_quantized", True):
             raise ValueError("sqllm quantizes with sqllm.quantize(model, ...) (it needs "
                              "calibration data); from_pretrained only loads sqllm folders")
+        super().__init__(quantization_config, **kwargs)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")

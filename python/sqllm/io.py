@@ -158,11 +158,13 @@ def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .models import _dtype_kwargs
+
     folder = Path(path)
     qcfg = read_quantization_config(folder)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     with _params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(dtype or torch.float32))
     for name, entry in qcfg.layers.items():
         try:
             model.get_submodule(name)
@@ -190,4 +192,10 @@ def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
                 raise ValueError(f"layer {name}: {e}") from None
     model.config.quantization_config = qcfg.to_dict()
     model.eval()
+    if dtype is not None:
+        # assign=True keeps the checkpoint's dtypes: convert the parameters (as
+        # from_pretrained(dtype=) does; buffers such as rotary tables stay fp32).
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     return model.to(device)
