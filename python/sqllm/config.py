@@ -111,8 +111,10 @@ class OptionSpec:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def check(self, value: Any, where: str) -> None:
-        """Raise QuantizationConfigError unless ``value`` fits this option's type."""
+    def check(self, value: Any, where: str, choices: bool = False) -> None:
+        """Raise QuantizationConfigError unless ``value`` fits this option's type (and,
+        with ``choices=True``, its choices: a stored config is checked for types only,
+        since values are the method's to judge and may have had aliases)."""
         if value is None and (self.nullable or self.default is None):
             return
         items = value if self.multiple else [value]
@@ -123,7 +125,7 @@ class OptionSpec:
                 raise QuantizationConfigError(
                     f"{where}.{self.name} must be {_TYPE_NAMES.get(self.type, self.type.__name__)}, "
                     f"got {type(v).__name__} {v!r}")
-            if self.choices is not None and v not in self.choices:
+            if choices and self.choices is not None and v not in self.choices:
                 raise QuantizationConfigError(
                     f"{where}.{self.name} must be one of {list(self.choices)}, got {v!r}")
 
@@ -194,7 +196,10 @@ def _doc_attributes(cls: type) -> Dict[str, Tuple[str, str]]:
 
 def method_options(cls: Type[Any]) -> List[OptionSpec]:
     """The options of a method class (its dataclass fields), in declaration order."""
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: treat its option as a string
+        hints = {}
     docs = _doc_attributes(cls)
     specs = []
     for f in dataclasses.fields(cls):

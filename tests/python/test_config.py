@@ -374,3 +374,11 @@ def test_cli_quantize_records_generated_options(tmp_path, tiny_model_dir, capsys
     assert "method squeezellm" in info and "group_axis=column" in info and "format_version 2" in info
     assert cli_main(["info", str(DATA / "v1_tiny")]) == 0
     assert "sparsity=0.02" in capsys.readouterr().out
+
+
+def test_stored_options_are_checked_for_types_not_values():
+    # sqllm 0.1.0 recorded group_axis as given: "col" (an alias of "column") is valid.
+    d = {"quant_method": "sqllm", "format_version": 1, "method": "squeezellm", "bits": 3,
+         "group_axis": "col", "layers": {}}
+    assert QuantizationConfig.from_dict(d).options["group_axis"] == "col"
+    assert QuantizationConfig.from_dict(d).method_instance().group_axis == "column"
