@@ -272,6 +272,9 @@ class QuantLinear(QuantLinearBase):
             The Dense-and-Sparse part; values are stored as float16 (a uint16
             array is taken as float16 bit patterns).
         bias : Tensor [out], optional
+
+        Tensors already on the CPU in the stored dtype are used without a copy
+        (the layer shares their memory, as ``torch.from_numpy`` does).
         """
         bits = _check_bits(bits)
         qw = _as_tensor(qweight, "qweight").to("cpu")
@@ -299,6 +302,9 @@ class QuantLinear(QuantLinearBase):
             layer.sparse_values = (values.to(torch.float16) if values.is_floating_point()
                                    else values).contiguous()
         if bias is not None:
+            if tuple(bias.shape) != (layer.out_features,):
+                raise ValueError(f"bias must have shape ({layer.out_features},), got "
+                                 f"{tuple(bias.shape)}")
             layer.bias.copy_(bias.detach().to("cpu"))
         layer.validate()
         return layer
