@@ -125,6 +125,29 @@ class SqllmHfQuantizer(HfQuantizer):
                 raise ValueError(f"layer {name}: {e}") from None
         return model
 
+    def _dequantize(self, model: Any, dtype: Any = None) -> Any:
+        """``model.dequantize()``: every sqllm layer back to an ``nn.Linear`` holding
+        its dequantized weight (dense + sparse part)."""
+        import torch
+        from torch import nn
+
+        from .api import set_module
+        from .nn import QuantLinearBase
+
+        for name, m in list(model.named_modules()):
+            if not isinstance(m, QuantLinearBase):
+                continue
+            device = next(iter(m.buffers())).device
+            dt = dtype or (m.bias.dtype if m.bias is not None else torch.float32)
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                            device=device, dtype=dt)
+            with torch.no_grad():
+                lin.weight.copy_(m.dequantize())
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+            set_module(model, name, lin)
+        return model
+
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
 

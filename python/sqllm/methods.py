@@ -114,6 +114,8 @@ class SqueezeLLM(QuantMethod):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if not 0.0 <= float(self.sensitive_fraction) <= 1.0:
             raise ValueError(f"sensitive_fraction must be in [0, 1], got {self.sensitive_fraction}")
+        QuantLinear.check_supports(bits=self.bits, group_axis=self.group_axis,
+                                   sparse=self.sparsity > 0)
         if not self.weighted:
             self.needs_calibration = False
 

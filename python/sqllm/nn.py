@@ -72,8 +72,22 @@ class QuantLinearBase(nn.Module):
     layer_params: ClassVar[Mapping[str, type]] = {}
     #: What the format can represent and where it runs, e.g. ``{"bits": (2, 3, 4),
     #: "group_axis": ("row",), "sparse": False, "devices": ("cpu",)}``; methods
-    #: check their options against it.
+    #: check their options against it (:meth:`check_supports`).
     supports: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def check_supports(cls, **wanted: Any) -> None:
+        """Raise ValueError if the format cannot represent ``wanted`` (keys of
+        :attr:`supports`: a value must be in the declared collection, or equal a
+        declared bool).  Keys the format does not declare are not checked."""
+        for key, value in wanted.items():
+            if key not in cls.supports:
+                continue
+            allowed = cls.supports[key]
+            ok = (value is allowed or not value) if isinstance(allowed, bool) else value in allowed
+            if not ok:
+                raise ValueError(f"format {cls.format!r} does not support {key}={value!r} "
+                                 f"(supported: {allowed!r})")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  bias_dtype: torch.dtype = torch.float32) -> None:

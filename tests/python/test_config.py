@@ -382,3 +382,19 @@ def test_stored_options_are_checked_for_types_not_values():
          "group_axis": "col", "layers": {}}
     assert QuantizationConfig.from_dict(d).options["group_axis"] == "col"
     assert QuantizationConfig.from_dict(d).method_instance().group_axis == "column"
+
+
+def test_formats_check_what_they_support():
+    QuantLinear.check_supports(bits=3, group_axis="column", sparse=True, devices="cuda")
+    with pytest.raises(ValueError, match=r"format 'lut' does not support bits=12"):
+        QuantLinear.check_supports(bits=12)
+
+    class RowOnly(QuantLinear):  # a format that cannot group by column nor hold a sparse part
+        format = "lut-row-only"
+        supports = {"bits": (2, 3, 4), "group_axis": ("row",), "sparse": False}
+
+    RowOnly.check_supports(bits=4, group_axis="row", sparse=False, anything="else")
+    with pytest.raises(ValueError, match=r"does not support group_axis='column'"):
+        RowOnly.check_supports(group_axis="column")
+    with pytest.raises(ValueError, match=r"does not support sparse=True"):
+        RowOnly.check_supports(sparse=True)

@@ -145,3 +145,21 @@ def test_registration_in_a_fresh_interpreter(first, hooked):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["QuantLinear", hooked, "True"]
+
+
+def test_dequantize_returns_plain_linears_with_the_represented_weights(tmp_path, calib_ids):
+    m = make_tiny_llama()
+    sqllm.quantize(m, bits=3, calibration=calib_ids, sparsity=0.02, progress=False)
+    folder = sqllm.save_quantized(m, tmp_path / "q")
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    weights = {n: mod.dequantize() for n, mod in hf.named_modules() if isinstance(mod, QuantLinear)}
+    ids = calib_ids[:1]
+    before = _logits(hf, ids)
+    plain = hf.dequantize()
+    assert not any(isinstance(mod, sqllm.QuantLinearBase) for mod in plain.modules())
+    assert getattr(plain.config, "quantization_config", None) is None
+    for n, w in weights.items():
+        lin = plain.get_submodule(n)
+        assert type(lin) is torch.nn.Linear and torch.equal(lin.weight, w)
+    # Same weights, another matmul (fp32 sums in another order).
+    torch.testing.assert_close(_logits(plain, ids), before, rtol=1e-4, atol=1e-5)
