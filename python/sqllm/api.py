@@ -127,8 +127,9 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         layer_cfgs[name] = q.layer_config()
     t_total = time.perf_counter() - t0
 
+    used = calibration if qm.needs_calibration and sensitivity is None else None
     qcfg = QuantizationConfig.for_method(
-        qm, CalibrationConfig.describe(calibration, nsamples, seqlen, seed,
+        qm, CalibrationConfig.describe(used, nsamples, seqlen, seed,
                                        precomputed_sensitivity=sensitivity is not None),
         modules_to_not_convert=exclude, layers=layer_cfgs).to_dict()
     if hasattr(model, "config"):

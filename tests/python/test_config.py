@@ -63,6 +63,18 @@ def test_quantize_stores_a_version_2_config_that_round_trips(calib_ids):
     assert QuantizationConfig.from_model(m) == qc
 
 
+def test_calibration_is_recorded_only_when_used(calib_ids):
+    rtn = _quantized("rtn", calib_ids)  # RTN ignores calibration data
+    assert QuantizationConfig.from_model(rtn).calibration == sqllm.CalibrationConfig()
+    plain = _quantized("squeezellm", calib_ids, weighted=False)
+    assert QuantizationConfig.from_model(plain).calibration.source is None
+    m = make_tiny_llama()
+    fisher = {n: torch.ones_like(lin.weight) for n, lin in sqllm.find_linear_layers(m).items()}
+    sqllm.quantize(m, bits=3, sensitivity=fisher, progress=False)
+    assert QuantizationConfig.from_model(m).calibration == \
+        sqllm.CalibrationConfig(precomputed_sensitivity=True)
+
+
 def test_method_instance_and_options_of_every_registered_method():
     for name, cls in sqllm.METHODS.items():
         specs = sqllm.method_options(cls)
