@@ -159,7 +159,7 @@ def _unwrap(hint: Any, default: Any = None) -> Tuple[type, bool, bool, Optional[
     return hint, nullable, multiple, choices
 
 
-_DOC_ENTRY = re.compile(r"^(\w+)\s*:\s*(.*)$")
+_DOC_ENTRY = re.compile(r"^(\w+(?:\s*,\s*\w+)*)\s*:\s*(.*)$")  # "a, b : type"
 
 
 def _doc_attributes(cls: type) -> Dict[str, Tuple[str, str]]:
@@ -169,7 +169,7 @@ def _doc_attributes(cls: type) -> Dict[str, Tuple[str, str]]:
         doc = klass.__dict__.get("__doc__") or ""
         lines = [ln.rstrip() for ln in doc.expandtabs().splitlines()]
         in_section = False
-        current: Optional[str] = None
+        current: Optional[List[str]] = None
         base_indent = 0
         for i, ln in enumerate(lines):
             stripped = ln.strip()
@@ -186,11 +186,13 @@ def _doc_attributes(cls: type) -> Dict[str, Tuple[str, str]]:
                 if m is None:  # the next section starts
                     in_section, current = False, None
                     continue
-                current = m.group(1)
-                out[current] = (m.group(2).strip(), "")
+                current = [n.strip() for n in m.group(1).split(",")]
+                for n in current:
+                    out[n] = (m.group(2).strip(), "")
             elif stripped and current is not None:
-                t, d = out[current]
-                out[current] = (t, (d + " " + stripped).strip())
+                for n in current:
+                    t, d = out[n]
+                    out[n] = (t, (d + " " + stripped).strip())
     return out
 
 

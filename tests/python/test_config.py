@@ -324,6 +324,13 @@ class _Toy(sqllm.QuantMethod):
         Dampening, relative to the mean diagonal.
     order : {"natural", "act"}
         Column order.
+    act_groups, group_size : bool, int
+        Grouping,
+        over two lines.
+
+    Notes
+    -----
+    not : an option
     """
 
     name = "toy"
@@ -342,7 +349,9 @@ def test_methods_registered_later_get_flags(capsys, monkeypatch):
     out = _help(capsys, "--method", "toy")
     for text in ("--damp FLOAT", "Dampening, relative to the mean diagonal. (default: 0.01)",
                  "--order {natural,act}", "--act-groups, --no-act-groups", "--group-size INT",
-                 "--schedule {fast,slow}", "--toy-seed INT", "--blocks INT [INT ...]", "column blocks (default: 128 64)"):
+                 "Grouping, over two lines. (default: None)",
+                 "--schedule {fast,slow}", "--toy-seed INT", "--blocks INT [INT ...]",
+                 "column blocks (default: 128 64)"):
         assert text in out, text
     seen = {}
 
