@@ -11,15 +11,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import find_linear_layers
+from .config import FORMAT_VERSION, CalibrationConfig, QuantizationConfig
 from .methods import get_method
 from .nn import QuantLinearBase
 
 __all__ = ["quantize", "FORMAT_VERSION", "size_report", "set_module"]
 
 log = logging.getLogger(__name__)
-
-#: Version of sqllm's checkpoint layout (docs/formats.md).
-FORMAT_VERSION = 1
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -54,7 +52,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
              kmeans: str = "exact", tokenizer: Any = None, seed: int = 0,
              exclude: Iterable[str] = ("lm_head",),
              sensitivity: Optional[Dict[str, torch.Tensor]] = None, progress: bool = True,
-             **options: Any) -> nn.Module:
+             method_options: Optional[Dict[str, Any]] = None, **options: Any) -> nn.Module:
     """Quantize the Linear layers of ``model`` in place and return it.
 
     Every ``nn.Linear`` is found generically (no per-architecture lists); the
@@ -81,6 +79,9 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         Precomputed Fisher diagonals (skips the gradient pass).
     progress : bool
         tqdm bars; ``False`` is quiet.
+    method_options : dict, optional
+        The method's options as a dict (what the CLI passes; needed for an
+        option named like a parameter of this function, e.g. ``seed``).
     **options :
         Further fields of the method's dataclass (e.g. ``sensitive_fraction``).
     """
@@ -95,6 +96,8 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
             given[key] = val
         elif val != default:
             raise ValueError(f"method {method!r} has no option {key!r}")
+    if method_options:
+        given.update(method_options)
     unknown = set(given) - fields
     if unknown:
         raise ValueError(f"method {method!r} has no option(s) {sorted(unknown)}")
@@ -124,23 +127,11 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         layer_cfgs[name] = q.layer_config()
     t_total = time.perf_counter() - t0
 
-    qcfg = {
-        "quant_method": "sqllm",
-        "format_version": FORMAT_VERSION,
-        **qm.config(),
-        "modules_to_not_convert": sorted(set(exclude)),
-        "layers": layer_cfgs,
-        "calibration": {
-            "source": calibration if isinstance(calibration, str) else
-            ("tensor" if calibration is not None else None),
-            "nsamples": nsamples if isinstance(calibration, str) else
-            (int(calibration.shape[0]) if isinstance(calibration, torch.Tensor) else None),
-            "seqlen": seqlen if isinstance(calibration, str) else
-            (int(calibration.shape[1]) if isinstance(calibration, torch.Tensor) else None),
-            "seed": seed,
-            "precomputed_sensitivity": sensitivity is not None,
-        },
-    }
+    used = calibration if qm.needs_calibration and sensitivity is None else None
+    qcfg = QuantizationConfig.for_method(
+        qm, CalibrationConfig.describe(used, nsamples, seqlen, seed,
+                                       precomputed_sensitivity=sensitivity is not None),
+        modules_to_not_convert=exclude, layers=layer_cfgs).to_dict()
     if hasattr(model, "config"):
         model.config.quantization_config = qcfg
     log.info("quantized %d layers with %s in %.1f s (statistics %.1f s)", len(layers), method,

@@ -7,9 +7,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from .methods import METHODS
 
 __all__ = ["main"]
+
+DEFAULT_METHOD = "squeezellm"
 
 log = logging.getLogger("sqllm.cli")
 
@@ -50,7 +54,61 @@ def _perplexity(model: Any, tok: Any, args: argparse.Namespace) -> Any:
                       progress=not args.quiet)
 
 
-def _parser() -> argparse.ArgumentParser:
+#: Prefix of the argparse destinations of method options (kept apart from the others).
+_OPT = "method_option__"
+
+
+def _add_method_options(p: argparse.ArgumentParser, method: str) -> None:
+    """One flag per option of ``method`` (its dataclass fields, ``sqllm.method_options``)."""
+    from .config import method_options
+
+    cls = METHODS[method]
+    summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    others = ", ".join(m for m in sorted(METHODS) if m != method)
+    g = p.add_argument_group(
+        f"options of --method {method}",
+        f"{summary} (other methods: {others or 'none'}; `sqllm quantize --method NAME --help` "
+        "lists a method's options)")
+    taken = set(p._option_string_actions)
+    for spec in method_options(cls):
+        flag = spec.flag
+        if flag in taken:  # an option named like a general flag (e.g. --seed)
+            flag = f"--{method}-{spec.name.replace('_', '-')}"
+        text = spec.help.replace("%", "%%")
+        default = (" ".join(map(str, spec.default)) if isinstance(spec.default, (list, tuple))
+                   else f"{spec.default:.4g}" if isinstance(spec.default, float) else spec.default)
+        kw: Dict[str, Any] = dict(dest=_OPT + spec.name, default=argparse.SUPPRESS,
+                                  help=f"{text} (default: {default})".strip())
+        if spec.type is bool and not spec.multiple:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = spec.type
+            kw["metavar"] = spec.type.__name__.upper()
+            if spec.choices is not None:
+                kw["choices"] = spec.choices
+                kw.pop("metavar")
+            if spec.multiple:
+                kw["nargs"] = "+"
+        g.add_argument(flag, **kw)
+
+
+def _method_args(args: argparse.Namespace) -> Dict[str, Any]:
+    return {k[len(_OPT):]: v for k, v in vars(args).items() if k.startswith(_OPT)}
+
+
+def _peek_method(argv: Sequence[str]) -> Optional[str]:
+    """The value of ``--method`` in a ``quantize`` command line (before parsing it)."""
+    if not argv or argv[0] != "quantize":
+        return None
+    for i, a in enumerate(argv):
+        if a == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _parser(method: Optional[str] = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sqllm", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -59,12 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=None,
                    help="local HF folder, .gguf file, or omit for the embedded SmolLM2-135M")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--method", default="squeezellm", help="squeezellm | rtn")
-    q.add_argument("--bits", type=int, default=3)
-    q.add_argument("--group-axis", default="row", choices=["row", "column"])
-    q.add_argument("--kmeans", default="exact", choices=["exact", "lloyd"])
-    q.add_argument("--sparsity", type=float, default=0.0,
-                   help="Dense-and-Sparse fraction kept in fp16 (e.g. 0.0045)")
+    q.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
+                   help="quantization method (default: %(default)s); its options follow")
     q.add_argument("--calib-text", default="austen:emma", help="calibration text source")
     q.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     q.add_argument("--seqlen", type=int, default=512, help="calibration window length")
@@ -72,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--eval", action="store_true", help="also report perplexity before/after")
     _add_eval_args(q, 16384)
     _add_common(q)
+    _add_method_options(q, method if method in METHODS else DEFAULT_METHOD)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text")
     e.add_argument("--model", default=None, help="sqllm folder, HF folder, .gguf, or the default")
@@ -112,10 +167,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         r = _perplexity(model, tok, args)
         print(f"fp perplexity: {r.ppl:.3f} ({r.n_tokens_evaluated} tokens, seqlen {r.seqlen})")
     t0 = time.perf_counter()
-    quantize(model, method=args.method, bits=args.bits, calibration=args.calib_text,
-             tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
-             group_axis=args.group_axis, sparsity=args.sparsity, kmeans=args.kmeans,
-             seed=args.seed, progress=not args.quiet)
+    quantize(model, method=args.method, calibration=args.calib_text, tokenizer=tok,
+             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+             progress=not args.quiet, method_options=_method_args(args))
     dt = time.perf_counter() - t0
     rep = size_report(model)
     print(f"quantized in {dt:.1f} s; model {before / 2**20:.1f} MiB -> "
@@ -161,11 +215,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"CUDA kernels compiled: {bool(_C.cuda_compiled())}; CUDA device usable: {has_cuda()}")
     if args.folder:
         q = read_quantization_config(args.folder)
-        layers = q["layers"]
-        fmts = sorted({v["format"] for v in layers.values()})
-        print(f"{args.folder}: method {q.get('method')}, {q.get('bits')} bits, "
-              f"{len(layers)} quantized layers, formats {fmts}, format_version {q['format_version']}")
-        print(f"calibration: {q.get('calibration')}")
+        print(f"{args.folder}: {q.describe()}")
+        print(f"calibration: {q.calibration.to_dict()}")
     return 0
 
 
@@ -180,7 +231,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(_peek_method(argv)).parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "threads", 0):

@@ -24,8 +24,9 @@ from typing import Any, Dict, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .api import FORMAT_VERSION, set_module
-from .nn import QuantLinearBase, layer_from_config
+from .api import set_module
+from .config import LayerFormat, QuantizationConfig, QuantizationConfigError
+from .nn import QuantLinearBase
 
 __all__ = ["save_quantized", "load_quantized", "read_quantization_config"]
 
@@ -37,15 +38,13 @@ PathLike = Union[str, os.PathLike]
 def save_quantized(model: nn.Module, path: PathLike, tokenizer: Any = None,
                    max_shard_size: str = "5GB") -> Path:
     """Save a model quantized by :func:`sqllm.quantize` (atomically) and return the folder."""
-    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
-    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "sqllm":
-        raise ValueError("model has no sqllm quantization_config; quantize it with "
-                         "sqllm.quantize() first")
+    qc = QuantizationConfig.from_model(model)
     if not any(isinstance(m, QuantLinearBase) for m in model.modules()):
         raise ValueError("model has no quantized layers")
     # The layer table is rebuilt from the modules so that it always matches the weights.
-    qcfg["layers"] = {n: m.layer_config() for n, m in model.named_modules()
-                      if isinstance(m, QuantLinearBase)}
+    qc.layers = {n: LayerFormat.from_layer(m) for n, m in model.named_modules()
+                 if isinstance(m, QuantLinearBase)}
+    model.config.quantization_config = qc.to_dict()
     target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not target.is_dir():
@@ -76,10 +75,17 @@ def _check_saved(folder: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     if cfg.get("quantization_config", {}).get("quant_method") != "sqllm":
         raise RuntimeError("config.json was written without the quantization_config")
+    QuantizationConfig.from_dict(cfg["quantization_config"])
 
 
-def read_quantization_config(path: PathLike) -> Dict[str, Any]:
-    """The ``quantization_config`` of a saved folder (ValueError if it is not sqllm's)."""
+def read_quantization_config(path: PathLike) -> QuantizationConfig:
+    """The :class:`~sqllm.QuantizationConfig` of a saved folder (format version 1 or 2).
+
+    Raises FileNotFoundError without ``config.json`` and ValueError
+    (:class:`~sqllm.config.QuantizationConfigError`) when it is not valid JSON,
+    has no sqllm ``quantization_config``, or that config is invalid or newer
+    than this sqllm reads.
+    """
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} does not exist")
@@ -87,16 +93,13 @@ def read_quantization_config(path: PathLike) -> Dict[str, Any]:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
-    q = cfg.get("quantization_config")
+    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     if not isinstance(q, dict) or q.get("quant_method") != "sqllm":
         raise ValueError(f"{cfg_file} has no sqllm quantization_config")
-    version = q.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{cfg_file}: unsupported sqllm format_version {version!r} "
-                         f"(this sqllm reads up to {FORMAT_VERSION})")
-    if not isinstance(q.get("layers"), dict):
-        raise ValueError(f"{cfg_file}: quantization_config has no 'layers' table")
-    return q
+    try:
+        return QuantizationConfig.from_dict(q)
+    except QuantizationConfigError as e:
+        raise QuantizationConfigError(f"{cfg_file}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -155,18 +158,20 @@ def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .models import _dtype_kwargs
+
     folder = Path(path)
     qcfg = read_quantization_config(folder)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     with _params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype or torch.float32)
-    for name, lcfg in qcfg["layers"].items():
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(dtype or torch.float32))
+    for name, entry in qcfg.layers.items():
         try:
             model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"quantization_config names layer {name!r}, which the model "
                              "does not have") from None
-        set_module(model, name, layer_from_config(lcfg))
+        set_module(model, name, entry.build())
     sd = _read_state_dict(folder)
     try:
         result = model.load_state_dict(sd, strict=False, assign=True)
@@ -185,6 +190,12 @@ def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
                 m.validate()
             except ValueError as e:
                 raise ValueError(f"layer {name}: {e}") from None
-    model.config.quantization_config = qcfg
+    model.config.quantization_config = qcfg.to_dict()
     model.eval()
+    if dtype is not None:
+        # assign=True keeps the checkpoint's dtypes: convert the parameters (as
+        # from_pretrained(dtype=) does; buffers such as rotary tables stay fp32).
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     return model.to(device)

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Type
 import torch
 from torch import nn
 
-from .nn import QuantLinear, QuantLinearBase
+from .nn import QuantLinear, QuantLinearBase, _check_axis, _check_bits
 
 __all__ = ["QuantMethod", "METHODS", "register_method", "get_method", "SqueezeLLM", "RTN"]
 
@@ -42,6 +42,17 @@ class QuantMethod:
     Subclasses set ``name``, say whether they need calibration data
     (``needs_calibration``), and implement :meth:`quantize_layer`; methods that
     need statistics implement :meth:`collect` (called once per model).
+
+    Options are documented in the class docstring's ``Attributes`` section
+    (``name : type`` then an indented description) or with
+    ``dataclasses.field(metadata={"help": ..., "choices": ...})``; the CLI
+    turns each into a flag (``sqllm quantize --method NAME --help``) and the
+    saved ``quantization_config`` records them (``sqllm.method_options``).
+
+    Attributes
+    ----------
+    bits : int
+        Code width.
     """
 
     name = ""
@@ -95,6 +106,16 @@ class SqueezeLLM(QuantMethod):
     weighted: bool = True
 
     def __post_init__(self) -> None:
+        self.bits = _check_bits(self.bits)
+        self.group_axis = _check_axis(self.group_axis)
+        if self.kmeans not in ("exact", "lloyd"):
+            raise ValueError(f"kmeans must be 'exact' or 'lloyd', got {self.kmeans!r}")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if not 0.0 <= float(self.sensitive_fraction) <= 1.0:
+            raise ValueError(f"sensitive_fraction must be in [0, 1], got {self.sensitive_fraction}")
+        QuantLinear.check_supports(bits=self.bits, group_axis=self.group_axis,
+                                   sparse=self.sparsity > 0)
         if not self.weighted:
             self.needs_calibration = False
 
@@ -114,10 +135,50 @@ class SqueezeLLM(QuantMethod):
         fisher = stats.get("fisher", {}).pop(name, None) if self.weighted else None
         if self.weighted and fisher is None:
             raise ValueError(f"no sensitivity for layer {name!r}")
-        return QuantLinear.from_linear(linear, bits=self.bits, sensitivity=fisher,
-                                       group_axis=self.group_axis, kmeans=self.kmeans,
-                                       sparsity=self.sparsity,
-                                       sensitive_fraction=self.sensitive_fraction)
+        return self.quantize_linear(linear, fisher)
+
+    def quantize_linear(self, linear: nn.Linear, sensitivity: Optional[torch.Tensor] = None,
+                        num_threads: int = 0) -> QuantLinear:
+        """Quantize one ``nn.Linear`` (``sensitivity``: its Fisher diagonal, or None
+        for plain k-means) into a :class:`~sqllm.QuantLinear`."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if sensitivity is not None and not isinstance(sensitivity, torch.Tensor):
+            raise TypeError("sensitivity must be a torch.Tensor or None, got "
+                            f"{type(sensitivity).__name__}")
+        return self.quantize_weight(linear.weight, sensitivity, bias=linear.bias,
+                                    num_threads=num_threads)
+
+    def quantize_weight(self, weight: torch.Tensor, sensitivity: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None, num_threads: int = 0) -> QuantLinear:
+        """The algorithm: sensitivity-weighted k-means per row (or column) and the
+        Dense-and-Sparse split, on a (out, in) weight; returns the packed layer."""
+        from . import _C
+
+        if weight.dim() != 2 or weight.numel() == 0:
+            raise ValueError(f"weight must be a non-empty 2-D tensor, got shape {tuple(weight.shape)}")
+        w = weight.detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(w).all():
+            raise ValueError("weight contains NaN or Inf")
+        s_np = None
+        if sensitivity is not None:
+            s = sensitivity.detach().to("cpu", torch.float32).contiguous()
+            if tuple(s.shape) != tuple(w.shape):
+                raise ValueError(f"sensitivity shape {tuple(s.shape)} must equal the weight "
+                                 f"shape {tuple(w.shape)}")
+            s_np = s.numpy()
+        w_np = w.numpy()
+        keep = None
+        if self.sparsity > 0:
+            keep = _C.sparse_select(w_np, s_np, float(self.sparsity),
+                                    float(self.sensitive_fraction))
+        packed, tables, _ = _C.nuq_quantize(w_np, s_np, self.bits, self.group_axis, self.kmeans,
+                                            50, keep, num_threads)
+        sparse = None
+        if keep is not None:
+            sparse = _C.sparse_residual(w_np, packed, tables, keep, self.bits, self.group_axis)
+        return QuantLinear.from_packed(packed, tables, self.bits, w.shape[1], self.group_axis,
+                                       sparse=sparse, bias=bias)
 
 
 @register_method
