@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _C
 from .api import FORMAT_VERSION, quantize, size_report
+from .calib import open_on_meta
 from .calibration import find_linear_layers, fisher_diagonal
 from .io import load_quantized, read_quantization_config, save_quantized
 from .methods import METHODS, QuantMethod, get_method, register_method
@@ -39,6 +40,7 @@ __all__ = [
     "has_cuda",
     "kmeans1d",
     "load_quantized",
+    "open_on_meta",
     "quantize",
     "read_quantization_config",
     "register_format",

@@ -86,7 +86,7 @@ def _first_difference(old: Any, new: Any, path: str) -> Optional[str]:
 
 
 def _lookup(d: Any, path: str) -> Any:
-    for k in path.split(".")[1:]:
+    for k in path.split("."):
         if not isinstance(d, dict) or k not in d:
             return "<absent>"
         d = d[k]
