@@ -106,7 +106,8 @@ class ShardWriter:
 
     Used by the block streamer: each finished block's tensors go into a shard
     file at once (:meth:`flush`), so the model never needs to be in memory as a
-    whole.  Everything is written to a temporary folder beside ``path``, which
+    whole; a shard is also written before the buffered tensors would exceed
+    ``max_shard_size``.  Everything is written to a temporary folder beside ``path``, which
     :meth:`finish` moves into place in one rename (as :func:`save_quantized`);
     :meth:`abort` (or leaving the ``with`` block by an exception) removes it.
     The result is the layout :func:`save_quantized` writes and
@@ -114,7 +115,7 @@ class ShardWriter:
     ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
     """
 
-    def __init__(self, path: PathLike, max_shard_size: Union[int, str] = "2GB") -> None:
+    def __init__(self, path: PathLike, max_shard_size: Union[int, str] = "1GB") -> None:
         self.target = _target_folder(path)
         self.max_shard_bytes = _parse_size(max_shard_size)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
@@ -137,16 +138,18 @@ class ShardWriter:
         if tensor.is_meta:
             raise ValueError(f"tensor {name!r} is on the meta device (not loaded)")
         t = tensor.detach().to("cpu").contiguous()
+        self.reserve(t.numel() * t.element_size())
         self._buf[name] = t
         self._buf_bytes += t.numel() * t.element_size()
+
+    def reserve(self, nbytes: int) -> None:
+        """Write the buffered tensors out first if ``nbytes`` more would overflow the shard."""
+        if self._buf and self._buf_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
 
     def add_many(self, tensors: Dict[str, torch.Tensor]) -> None:
         for n, t in tensors.items():
             self.add(n, t)
-
-    def flush_if_full(self) -> None:
-        if self._buf_bytes >= self.max_shard_bytes:
-            self.flush()
 
     def flush(self) -> None:
         """Write the buffered tensors as one shard file and drop them from memory."""

@@ -362,6 +362,27 @@ def test_block_inputs_replay_the_models_forward(probe_methods, arch, calib_ids):
         assert torch.allclose(qm.seen[n]["hessian"], x.T @ x, rtol=1e-12, atol=1e-12), n
 
 
+@pytest.mark.parametrize("arch", ["opt", "mistral"])
+def test_streamed_rtn_from_meta_on_other_architectures(arch, tmp_path):
+    model = _tiny(arch)
+    if arch == "opt":  # Linears outside the blocks (project_in/out) are quantized too
+        import transformers as tf
+
+        torch.manual_seed(0)
+        model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=257, hidden_size=32, ffn_dim=48,
+                                               num_hidden_layers=3, num_attention_heads=4,
+                                               max_position_embeddings=128,
+                                               word_embed_proj_dim=16)).eval()
+    model.save_pretrained(tmp_path / "src")
+    sqllm.quantize(model, method="rtn", bits=4, progress=False)
+    sqllm.save_quantized(model, tmp_path / "mem")
+    sqllm.quantize(open_on_meta(tmp_path / "src"), method="rtn", bits=4, progress=False,
+                   out=tmp_path / "meta")
+    _assert_same_tensors(_saved(tmp_path / "mem"), _saved(tmp_path / "meta"))
+    if arch == "opt":
+        assert "model.decoder.project_in.qweight" in _saved(tmp_path / "meta")
+
+
 # -- CLI and errors ---------------------------------------------------------------------------
 
 def test_cli_streams_rtn_without_a_tokenizer(tmp_path, capsys, monkeypatch):

@@ -114,11 +114,10 @@ def materialize(module: nn.Module, prefix: str, checkpoint, device: torch.device
             raise ValueError(f"buffer {n} is on the meta device and is not saved in checkpoints; "
                              "open the model with sqllm.open_on_meta(folder), which keeps "
                              "buffers real")
-    loaded = checkpoint.load(todo.keys())
     nbytes = 0
-    for n, (mod, attr, is_param) in todo.items():
+    for n, t in checkpoint.iter_load(todo.keys()):  # one tensor in its file dtype at a time
+        mod, attr, is_param = todo[n]
         ref = getattr(mod, attr)
-        t = loaded.pop(n)
         if tuple(t.shape) != tuple(ref.shape):
             raise ValueError(f"checkpoint tensor {n} has shape {tuple(t.shape)}, the model "
                              f"expects {tuple(ref.shape)}")

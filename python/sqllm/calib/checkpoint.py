@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -77,8 +77,11 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return self.key_for(name) is not None
 
-    def load(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
-        """Read the named tensors (model names); KeyError-free: ValueError names what is missing."""
+    def iter_load(self, names: Iterable[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Yield ``(model name, tensor)`` one tensor at a time.
+
+        ValueError names what is missing (before anything is read) or unreadable.
+        """
         from safetensors import SafetensorError, safe_open
 
         by_file: Dict[str, List[tuple]] = {}
@@ -92,16 +95,21 @@ class SafetensorsCheckpoint:
         if missing:
             raise ValueError(f"checkpoint {self.folder} lacks tensors {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
-        out: Dict[str, torch.Tensor] = {}
         for fname, pairs in by_file.items():
-            try:
-                with safe_open(str(self.folder / fname), framework="pt") as f:
-                    for n, k in pairs:
-                        out[n] = f.get_tensor(k)
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"cannot read {self.folder / fname}: the file is corrupt or "
-                                 f"truncated ({e})") from None
-        return out
+            for n, k in pairs:
+                # One mapping per tensor: the file's pages read so far leave the resident
+                # set when it closes (a mapping kept open for the whole file counts them all).
+                try:
+                    with safe_open(str(self.folder / fname), framework="pt") as f:
+                        t = f.get_tensor(k)
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"cannot read {self.folder / fname}: the file is corrupt or "
+                                     f"truncated ({e})") from None
+                yield n, t
+
+    def load(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
+        """Read the named tensors (model names) into a dict; see :meth:`iter_load`."""
+        return dict(self.iter_load(names))
 
 
 def open_on_meta(folder: PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:

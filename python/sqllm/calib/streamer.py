@@ -379,6 +379,11 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         for key in list(stats):
             for name in layers:
                 stats[key].pop(name, None)
+        # The replaced Linears are still referenced (by ``layers`` here and the
+        # caller's layer table): drop their weights now, not at the end.
+        for name, lin in layers.items():
+            if name in quantized:
+                release(lin)
 
         if inputs is not None and i + 1 < len(blocks):
             nxt = fp_out if fp_inputs else inputs.run(block)
@@ -394,7 +399,7 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
     # 4. Linears outside the blocks, then the remaining tensors
     outside = {n: m for n, m in all_layers.items() if _outside(n, blocks_name)}
     for name, lin in outside.items():
-        if required:
+        if block_scoped or overrides:
             log.warning("layer %s is outside the decoder blocks: left in full precision "
                         "(%s needs block statistics)", name, qm.name)
             continue
@@ -403,16 +408,18 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         q = qm.quantize_layer(name, lin, stats)
         set_module(model, name, q.to(device))
         layer_cfgs[name] = q.layer_config()
+        release(lin)
 
     rest = {n: v for n, v in tensor_names(model, "").items()
             if _outside(n, blocks_name) and canonical.get(n, n) == n}
     if writer is not None:
         for n, (mod, attr, _) in rest.items():
             t = getattr(mod, attr)
+            writer.reserve(t.numel() * t.element_size())  # write out before loading more
             if t.is_meta:
                 t = checkpoint.load([n])[n].to(t.dtype)
             writer.add(n, t)
-            writer.flush_if_full()
+            del t
         writer.flush()
         release(model)
     elif meta:
