@@ -59,7 +59,8 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
              stream: Optional[bool] = None, fp_inputs: bool = False,
              stats_dir: Union[str, "os.PathLike[str]", None] = None,
              out: Union[str, "os.PathLike[str]", None] = None,
-             checkpoint: Any = None, **options: Any) -> nn.Module:
+             checkpoint: Any = None, device: Union[str, torch.device, None] = None,
+             **options: Any) -> nn.Module:
     """Quantize the Linear layers of ``model`` in place and return it.
 
     Every ``nn.Linear`` is found generically (no per-architecture lists); the
@@ -109,6 +110,9 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     checkpoint : path or SafetensorsCheckpoint, optional
         Where the weights of a meta-device model are (default: the folder it was
         opened from by :func:`sqllm.open_on_meta`).
+    device : str or torch.device, optional
+        Streaming: where each block is worked on (e.g. "cuda" for a model on the
+        CPU or on meta); finished blocks return to the model's device.
     **options :
         Further fields of the method's dataclass (e.g. ``sensitive_fraction``).
     """
@@ -139,6 +143,8 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         stream = meta or block_stats or stats_dir is not None
     if not stream and meta:
         raise ValueError("a model on the meta device can only be quantized with stream=True")
+    if not stream and device is not None:
+        raise ValueError("device= applies to streaming (stream=True)")
     if not stream and block_stats:
         raise ValueError(f"method {method!r} needs per-block statistics and must stream")
     if checkpoint is not None and not isinstance(checkpoint, SafetensorsCheckpoint):
@@ -169,7 +175,8 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
             layer_cfgs = stream_quantize(model, qm, batches, exclude=exclude,
                                          checkpoint=checkpoint, writer=writer,
                                          fp_inputs=fp_inputs, stats_dir=stats_dir,
-                                         progress=progress, precomputed=stats or None)
+                                         progress=progress, device=device,
+                                         precomputed=stats or None)
         t_stats = 0.0
     else:
         if not stats and qm.needs_calibration:

@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--fp-inputs", action="store_true",
                    help="streaming: feed each block the full-precision outputs of the previous "
                         "block (default: the quantized block's, 'true sequential')")
+    q.add_argument("--device", default=None,
+                   help="streaming: where each block is worked on (e.g. cuda; default cpu)")
     q.add_argument("--no-stream", action="store_true",
                    help="load the whole model into memory instead of streaming it block by block "
                         "from its safetensors files (the default for a model folder)")
@@ -161,7 +163,7 @@ def _cmd_quantize_streamed(args: argparse.Namespace) -> int:
              tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
              group_axis=args.group_axis, sparsity=args.sparsity, kmeans=args.kmeans,
              seed=args.seed, progress=not args.quiet, stream=True, fp_inputs=args.fp_inputs,
-             stats_dir=args.stats_dir, out=args.out)
+             stats_dir=args.stats_dir, out=args.out, device=args.device)
     dt = time.perf_counter() - t0
     out = Path(args.out).resolve()
     n_layers = len(model.config.quantization_config["layers"])

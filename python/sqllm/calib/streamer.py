@@ -124,8 +124,9 @@ def capture_block_inputs(model: nn.Module, blocks_name: str, blocks: nn.ModuleLi
 
     Returns ``(hidden, args, kwargs)``: the block-0 hidden states per batch, and
     per block, per batch, the positional (after the hidden states) and keyword
-    arguments the model passes it.  Modules outside the blocks that own meta
-    tensors are loaded from ``checkpoint`` when first called and released after.
+    arguments the model passes it.  Modules outside the blocks are made ready
+    when first called: meta tensors are loaded from ``checkpoint``, tensors on
+    another device than ``device`` are moved there; all is put back afterwards.
     """
     if batches.dim() != 2:
         raise ValueError(f"calibration batches must be [nsamples, seqlen], got {tuple(batches.shape)}")
@@ -134,19 +135,32 @@ def capture_block_inputs(model: nn.Module, blocks_name: str, blocks: nn.ModuleLi
     args: List[List[tuple]] = [[] for _ in range(n)]
     kwargs: List[List[dict]] = [[] for _ in range(n)]
     dedupe = _Dedupe()
-    loaded: List[nn.Module] = []
+    device = torch.device(device) if device is not None else None
+    restore: List[Tuple[nn.Module, str, bool, Any]] = []  # tensors to put back afterwards
     hooks = []
 
     for mname, mod in model.named_modules():
         if not _outside(mname, blocks_name):
             continue
         own = _own_tensors(mod, mname)
-        if not any(getattr(m, a).is_meta for m, a, _ in own.values()):
+        if not any(getattr(m, a).is_meta or (device is not None and getattr(m, a).device != device)
+                   for m, a, _ in own.values()):
             continue
 
         def pre(m: nn.Module, _inp: Any, own: Dict = own) -> None:
-            if materialize(m, "", checkpoint, device, names=own):
-                loaded.append(m)
+            for n, (mm, attr, is_param) in own.items():
+                t = getattr(mm, attr)
+                if t.is_meta:
+                    restore.append((mm, attr, is_param, None))
+                    materialize(mm, "", checkpoint, device or torch.device("cpu"),
+                                names={n: (mm, attr, is_param)})
+                elif device is not None and t.device != device:
+                    restore.append((mm, attr, is_param, t))
+                    moved = t.detach().to(device)
+                    if is_param:
+                        mm._parameters[attr] = nn.Parameter(moved, requires_grad=t.requires_grad)
+                    else:
+                        mm._buffers[attr] = moved
 
         hooks.append(mod.register_forward_pre_hook(pre))
 
@@ -169,7 +183,7 @@ def capture_block_inputs(model: nn.Module, blocks_name: str, blocks: nn.ModuleLi
         b.forward = make_stub(i)
     try:
         for start in range(0, batches.shape[0], batch_size):
-            ids = batches[start:start + batch_size].to(device)
+            ids = batches[start:start + batch_size].to(device or _device_of(model))
             try:
                 model(input_ids=ids, use_cache=False)
             except _StopCapture:
@@ -181,9 +195,17 @@ def capture_block_inputs(model: nn.Module, blocks_name: str, blocks: nn.ModuleLi
             del b.forward
         for h in hooks:
             h.remove()
-        for m in loaded:
-            if checkpoint is not None:
-                release(m)
+        for mm, attr, is_param, orig in reversed(restore):
+            if orig is None:  # loaded from the checkpoint: back to meta
+                t = getattr(mm, attr)
+                if is_param:
+                    mm._parameters[attr] = nn.Parameter(t.detach().to("meta"), requires_grad=False)
+                else:
+                    mm._buffers[attr] = t.to("meta")
+            elif is_param:
+                mm._parameters[attr] = orig
+            else:
+                mm._buffers[attr] = orig
     if any(len(a) != len(hidden) for a in args):
         raise RuntimeError("not every decoder block was called once per calibration batch")
     return hidden, args, kwargs
@@ -214,7 +236,7 @@ def _overrides_block(qm: Any) -> bool:
 def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], *,
                     exclude=("lm_head",), checkpoint: Any = None, writer: Any = None,
                     fp_inputs: bool = False, stats_dir: Any = None, progress: bool = True,
-                    batch_size: int = 1,
+                    batch_size: int = 1, device: Any = None,
                     precomputed: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
     """Quantize ``model`` block by block with method instance ``qm``; return the layer table.
 
@@ -237,6 +259,12 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         of the quantized block's ("true sequential", the default).
     stats_dir : path, optional
         Statistics are loaded from here when present and saved here when collected.
+    batch_size : int
+        Calibration rows per forward call.
+    device : torch.device or str, optional
+        Where each block is worked on (e.g. ``"cuda"`` for a model kept on the
+        CPU or on meta); finished blocks go back to the model's own device.
+        Default: the model's device.
     precomputed : dict, optional
         Statistics entries already known (e.g. ``{"fisher": {...}}``).
     """
@@ -249,7 +277,10 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
                          "from: open it with sqllm.open_on_meta(folder) or pass checkpoint=folder")
     if writer is not None and not meta:
         log.debug("writing an in-memory model block by block")
-    device = _device_of(model)
+    home = _device_of(model)
+    device = torch.device(device) if device is not None else home
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     canonical = _canonical_names(model)
     all_layers = find_linear_layers(model, exclude=exclude)
     if not all_layers:
@@ -288,7 +319,7 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         coll = collectors[cname]()
         if meta:
             log.warning("%s needs gradients of the whole model: loading all of it into memory", cname)
-            materialize(model, "", checkpoint, device,
+            materialize(model, "", checkpoint, home,
                         names={n: v for n, v in tensor_names(model, "", persistent_only=False).items()
                                if canonical.get(n, n) == n})
             model.tie_weights()
@@ -330,6 +361,8 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         prefix = f"{blocks_name}.{i}"
         if meta:
             materialize(block, prefix, checkpoint, device)
+        if device != home:
+            block.to(device)
         layers = block_linears(block, prefix, exclude)
         layers = {n: m for n, m in layers.items() if n in all_layers}
         if inputs is not None:
@@ -393,6 +426,8 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
             writer.add_many(block.state_dict(prefix=prefix + "."))
             writer.flush()
             release(block)
+        elif device != home:
+            block.to(home)
     bar.close()
     del inputs
 
@@ -404,9 +439,9 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
                         "(%s needs block statistics)", name, qm.name)
             continue
         if meta:
-            materialize(lin, name, checkpoint, device)
+            materialize(lin, name, checkpoint, home)
         q = qm.quantize_layer(name, lin, stats)
-        set_module(model, name, q.to(device))
+        set_module(model, name, q.to(home))
         layer_cfgs[name] = q.layer_config()
         release(lin)
 
@@ -423,7 +458,7 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         writer.flush()
         release(model)
     elif meta:
-        materialize(model, "", checkpoint, device,
+        materialize(model, "", checkpoint, home,
                     names={n: v for n, v in tensor_names(model, "", persistent_only=False).items()
                            if canonical.get(n, n) == n})
         model.tie_weights()
