@@ -293,6 +293,25 @@ def test_stats_dir_is_reused_and_validated(probe_methods, tmp_path, calib_ids, m
                        stats_dir=sd, fp_inputs=True, progress=False)
 
 
+def test_stats_dir_resumes_an_interrupted_collection(tmp_path, calib_ids):
+    from sqllm.calib import stream_quantize
+
+    sd = tmp_path / "stats"
+    first = _Probe(bits=3)
+    stream_quantize(make_tiny_llama(), first, calib_ids, stats_dir=sd, progress=False)
+    assert len(list((sd / "act_stats").glob("*.safetensors"))) == 14
+    for f in (sd / "hessian").glob("model.layers.1.*"):  # as if stopped after block 0
+        f.unlink()
+    again = _Probe(bits=3)
+    stream_quantize(make_tiny_llama(), again, calib_ids, stats_dir=sd, progress=False)
+    assert len(list((sd / "hessian").glob("*.safetensors"))) == 14
+    for n, seen in first.seen.items():
+        assert torch.equal(again.seen[n]["hessian"], seen["hessian"]), n
+        assert again.seen[n]["count"] == seen["count"]
+        for k in ("max_abs", "mean_abs", "mean"):
+            assert torch.equal(again.seen[n]["act"][k], seen["act"][k]), (n, k)
+
+
 def test_fisher_stats_dir_round_trip(tmp_path, calib_ids):
     sd = tmp_path / "stats"
     a = sqllm.quantize(make_tiny_llama(), method="squeezellm", bits=3, calibration=calib_ids,
