@@ -192,7 +192,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
              tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
              group_axis=args.group_axis, sparsity=args.sparsity, kmeans=args.kmeans,
              seed=args.seed, progress=not args.quiet, fp_inputs=args.fp_inputs,
-             stats_dir=args.stats_dir)
+             stats_dir=args.stats_dir, device=args.device,
+             stream=True if args.device else None)
     dt = time.perf_counter() - t0
     rep = size_report(model)
     print(f"quantized in {dt:.1f} s; model {before / 2**20:.1f} MiB -> "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -268,6 +269,7 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
     precomputed : dict, optional
         Statistics entries already known (e.g. ``{"fisher": {...}}``).
     """
+    t0 = time.perf_counter()
     blocks_name, blocks = find_decoder_blocks(model)
     meta = is_meta_model(model)
     if meta and checkpoint is None:
@@ -275,8 +277,6 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
     if meta and checkpoint is None:
         raise ValueError("the model is on the meta device and has no checkpoint to read weights "
                          "from: open it with sqllm.open_on_meta(folder) or pass checkpoint=folder")
-    if writer is not None and not meta:
-        log.debug("writing an in-memory model block by block")
     home = _device_of(model)
     device = torch.device(device) if device is not None else home
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -462,4 +462,6 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
                     names={n: v for n, v in tensor_names(model, "", persistent_only=False).items()
                            if canonical.get(n, n) == n})
         model.tie_weights()
+    log.info("streamed %d blocks of %s (%d layers quantized) in %.1f s", len(blocks), blocks_name,
+             len(layer_cfgs), time.perf_counter() - t0)
     return layer_cfgs
