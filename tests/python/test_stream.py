@@ -140,20 +140,20 @@ def test_hessian_and_act_stats_equal_direct_computation_on_captured_inputs(tiny_
     assert all(not m._forward_hooks for m in layers.values())
 
 
-def test_streamed_stats_with_fp_inputs_are_the_full_models(probe_methods, tiny_llama, calib_ids):
-    direct = _linear_inputs(make_tiny_llama(), calib_ids)
-    m = sqllm.quantize(tiny_llama, method="test-probe", bits=4, calibration=calib_ids,
-                       fp_inputs=True, progress=False)
-    # the probe instance is not returned; rerun to read what it saw
-    qm = _Probe(bits=4)
+def test_streamed_stats_with_fp_inputs_are_the_full_models(probe_methods, calib_ids):
+    """With fp_inputs=True every block's statistics are those of the unquantized model."""
     from sqllm.calib import stream_quantize
 
+    direct = _linear_inputs(make_tiny_llama(), calib_ids)
+    qm = _Probe(bits=4)
     stream_quantize(make_tiny_llama(), qm, calib_ids, fp_inputs=True, progress=False)
     assert set(qm.seen) == set(direct)
     for n, x in direct.items():
         assert torch.allclose(qm.seen[n]["hessian"], x.T @ x, rtol=1e-12, atol=1e-12), n
         assert qm.seen[n]["count"] == x.shape[0]
         assert torch.equal(qm.seen[n]["act"]["max_abs"], x.abs().amax(0).float())
+    m = sqllm.quantize(make_tiny_llama(), method="test-probe", bits=4, calibration=calib_ids,
+                       fp_inputs=True, progress=False)
     assert m.config.quantization_config["calibration"]["block_inputs"] == "full-precision"
 
 
