@@ -60,7 +60,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
              stats_dir: Union[str, "os.PathLike[str]", None] = None,
              out: Union[str, "os.PathLike[str]", None] = None,
              checkpoint: Any = None, device: Union[str, torch.device, None] = None,
-             **options: Any) -> nn.Module:
+             sequential_groups: bool = False, **options: Any) -> nn.Module:
     """Quantize the Linear layers of ``model`` in place and return it.
 
     Every ``nn.Linear`` is found generically (no per-architecture lists); the
@@ -113,6 +113,11 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     device : str or torch.device, optional
         Streaming: where each block is worked on (e.g. "cuda" for a model on the
         CPU or on meta); finished blocks return to the model's device.
+    sequential_groups : bool
+        Streaming: quantize each block's Linears group by group (Linears fed the
+        same input together: q/k/v, o, gate/up, down), each group's statistics
+        taken with the earlier groups already quantized (GPTQ's true sequential
+        inside a block); one group's statistics in memory at a time.
     **options :
         Further fields of the method's dataclass (e.g. ``sensitive_fraction``).
     """
@@ -176,6 +181,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
                                          checkpoint=checkpoint, writer=writer,
                                          fp_inputs=fp_inputs, stats_dir=stats_dir,
                                          progress=progress, device=device,
+                                         sequential_groups=sequential_groups,
                                          precomputed=stats or None)
         t_stats = 0.0
     else:
@@ -210,6 +216,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     }
     if stream and block_stats:
         qcfg["calibration"]["block_inputs"] = "full-precision" if fp_inputs else "quantized"
+        qcfg["calibration"]["sequential_groups"] = bool(sequential_groups)
     if hasattr(model, "config"):
         model.config.quantization_config = qcfg
     if writer is not None:

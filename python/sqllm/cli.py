@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--fp-inputs", action="store_true",
                    help="streaming: feed each block the full-precision outputs of the previous "
                         "block (default: the quantized block's, 'true sequential')")
+    q.add_argument("--sequential-groups", action="store_true",
+                   help="streaming: quantize each block's Linears group by group (q/k/v, o, "
+                        "gate/up, down), later groups' statistics taken with earlier ones quantized")
     q.add_argument("--device", default=None,
                    help="streaming: where each block is worked on (e.g. cuda; default cpu)")
     q.add_argument("--no-stream", action="store_true",
@@ -163,7 +166,8 @@ def _cmd_quantize_streamed(args: argparse.Namespace) -> int:
              tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
              group_axis=args.group_axis, sparsity=args.sparsity, kmeans=args.kmeans,
              seed=args.seed, progress=not args.quiet, stream=True, fp_inputs=args.fp_inputs,
-             stats_dir=args.stats_dir, out=args.out, device=args.device)
+             stats_dir=args.stats_dir, out=args.out, device=args.device,
+             sequential_groups=args.sequential_groups)
     dt = time.perf_counter() - t0
     out = Path(args.out).resolve()
     n_layers = len(model.config.quantization_config["layers"])
@@ -193,7 +197,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
              group_axis=args.group_axis, sparsity=args.sparsity, kmeans=args.kmeans,
              seed=args.seed, progress=not args.quiet, fp_inputs=args.fp_inputs,
              stats_dir=args.stats_dir, device=args.device,
-             stream=True if args.device else None)
+             sequential_groups=args.sequential_groups,
+             stream=True if args.device or args.sequential_groups else None)
     dt = time.perf_counter() - t0
     rep = size_report(model)
     print(f"quantized in {dt:.1f} s; model {before / 2**20:.1f} MiB -> "

@@ -178,6 +178,41 @@ def test_true_sequential_feeds_the_quantized_blocks_outputs(calib_ids):
     assert torch.allclose(qm.seen[n0]["hessian"], fp_in[n0].T @ fp_in[n0], rtol=1e-12, atol=1e-12)
 
 
+def test_sequential_groups_quantize_a_block_group_by_group(calib_ids):
+    from sqllm.calib import stream_quantize
+    from sqllm.calib.streamer import BlockInputs, _input_groups
+
+    model = make_tiny_llama()
+    blocks_name, blocks = find_decoder_blocks(model)
+    hidden, args, kwargs = capture_block_inputs(model, blocks_name, blocks, calib_ids)
+    layers = {f"model.layers.0.{n}": blocks[0].get_submodule(n) for n in BLOCK_LINEARS}
+    groups = _input_groups(blocks[0], layers, BlockInputs(hidden, args[0], kwargs[0]))
+    short = [[n.rsplit(".", 1)[-1] for n in g] for g in groups]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"],
+                     ["down_proj"]]
+
+    qm = _Probe(bits=2)
+    stream_quantize(make_tiny_llama(), qm, calib_ids, sequential_groups=True, progress=False)
+
+    def inputs_with_quantized(names):
+        ref = make_tiny_llama()
+        for n in names:
+            sqllm.api.set_module(ref, n, RTN(bits=2).quantize_layer(n, ref.get_submodule(n), {}))
+        return _linear_inputs(ref, calib_ids)
+
+    p = "model.layers.0."
+    fp_in = _linear_inputs(make_tiny_llama(), calib_ids)
+    after_qkv = inputs_with_quantized([p + "self_attn.q_proj", p + "self_attn.k_proj",
+                                       p + "self_attn.v_proj"])
+    before_down = inputs_with_quantized([p + n for n in BLOCK_LINEARS[:-1]])
+    for name, ref in ((p + "self_attn.q_proj", fp_in), (p + "self_attn.o_proj", after_qkv),
+                      (p + "mlp.down_proj", before_down)):
+        x = ref[name]
+        assert torch.allclose(qm.seen[name]["hessian"], x.T @ x, rtol=1e-12, atol=1e-12), name
+    xo = fp_in[p + "self_attn.o_proj"]
+    assert (qm.seen[p + "self_attn.o_proj"]["hessian"] - xo.T @ xo).norm() > 1e-3 * (xo.T @ xo).norm()
+
+
 # -- streamed == in memory --------------------------------------------------------------------
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -291,6 +326,9 @@ def test_stats_dir_is_reused_and_validated(probe_methods, tmp_path, calib_ids, m
     with pytest.raises(ValueError, match="different inputs"):
         sqllm.quantize(make_tiny_llama(), method="test-hessw", bits=3, calibration=calib_ids,
                        stats_dir=sd, fp_inputs=True, progress=False)
+    with pytest.raises(ValueError, match="different inputs"):
+        sqllm.quantize(make_tiny_llama(), method="test-hessw", bits=3, calibration=calib_ids,
+                       stats_dir=sd, sequential_groups=True, progress=False)
 
 
 def test_stats_dir_resumes_an_interrupted_collection(tmp_path, calib_ids):

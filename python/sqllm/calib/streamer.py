@@ -228,6 +228,36 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@torch.no_grad()
+def _input_groups(block: nn.Module, layers: Dict[str, nn.Linear],
+                  inputs: BlockInputs) -> List[Dict[str, nn.Linear]]:
+    """The block's Linears in call order, grouped by shared input (one run on batch 0)."""
+    calls: List[Tuple[str, Any]] = []
+    hooks = [lin.register_forward_pre_hook(
+        lambda mod, inp, name=name: calls.append((name, inp[0]))) for name, lin in layers.items()]
+    try:
+        inputs.with_hidden(inputs.hidden[:1]).run(block)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: List[Dict[str, nn.Linear]] = []
+    seen = set()
+    last_x = None
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and x is last_x:
+            groups[-1][name] = layers[name]
+        else:
+            groups.append({name: layers[name]})
+        last_x = x
+    rest = {n: lin for n, lin in layers.items() if n not in seen}
+    if rest:
+        groups.append(rest)
+    return groups
+
+
 def _return_freed_memory() -> None:
     """Give the allocator's freed heap pages back to the OS (glibc ``malloc_trim``).
 
@@ -259,7 +289,7 @@ def _overrides_block(qm: Any) -> bool:
 def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], *,
                     exclude=("lm_head",), checkpoint: Any = None, writer: Any = None,
                     fp_inputs: bool = False, stats_dir: Any = None, progress: bool = True,
-                    batch_size: int = 1, device: Any = None,
+                    batch_size: int = 1, device: Any = None, sequential_groups: bool = False,
                     precomputed: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
     """Quantize ``model`` block by block with method instance ``qm``; return the layer table.
 
@@ -288,6 +318,12 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         Where each block is worked on (e.g. ``"cuda"`` for a model kept on the
         CPU or on meta); finished blocks go back to the model's own device.
         Default: the model's device.
+    sequential_groups : bool
+        Quantize a block's Linears group by group in the order the block calls
+        them — Linears fed the same input form a group (q/k/v, o, gate/up, down) —
+        collecting each group's statistics with the earlier groups already
+        quantized (GPTQ's "true sequential" inside a block); only one group's
+        statistics are held at a time.  For methods that quantize layer by layer.
     precomputed : dict, optional
         Statistics entries already known (e.g. ``{"fisher": {...}}``).
     """
@@ -319,9 +355,14 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
     sdir: Optional[StatsDir] = None
     if stats_dir is not None and required:
         sdir = StatsDir(stats_dir, model_identity(model, all_layers), calibration_identity(batches))
+        grouped = sequential_groups and not _overrides_block(qm)
         for name in required:
-            if collectors[name].scope == "model" or fp_inputs:
+            if collectors[name].scope == "model" or (fp_inputs and not grouped):
                 sdir.use_collector(name, {"inputs": "full-precision model"})
+            elif grouped:
+                sdir.use_collector(name, {"inputs": "full-precision" if fp_inputs else
+                                          "quantized previous blocks",
+                                          "sequential_groups": True, "method": qm.config()})
             else:
                 sdir.use_collector(name, {"inputs": "quantized previous blocks",
                                           "method": qm.config()})
@@ -390,55 +431,69 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         if inputs is not None:
             inputs = BlockInputs(inputs.hidden, block_args[i], block_kwargs[i])
         fp_out: Optional[List[torch.Tensor]] = None
-        if block_scoped and layers:
+
+        def gather(group: Dict[str, nn.Linear]) -> Optional[List[torch.Tensor]]:
+            """Load or collect the block statistics of ``group``; the block's outputs if run."""
             todo = [c for c in block_scoped
-                    if sdir is None or not all(sdir.has(c, n) for n in layers)]
+                    if sdir is None or not all(sdir.has(c, n) for n in group)]
             for c in block_scoped:
                 if c not in todo:
-                    part = collectors[c]().publish({n: sdir.load(c, n) for n in layers})
+                    part = collectors[c]().publish({n: sdir.load(c, n) for n in group})
                     for k, v in part.items():
                         stats.setdefault(k, {}).update(v)
-            if todo:
-                if inputs is None:
-                    raise RuntimeError("block statistics are needed but no inputs were captured")
-                colls: List[Collector] = [collectors[c]() for c in todo]
+            if not todo:
+                return None
+            if inputs is None:
+                raise RuntimeError("block statistics are needed but no inputs were captured")
+            colls: List[Collector] = [collectors[c]() for c in todo]
+            for c in colls:
+                c.attach(group)
+            try:
+                out = inputs.run(block)
+            finally:
                 for c in colls:
-                    c.attach(layers)
-                try:
-                    fp_out = inputs.run(block)
-                finally:
-                    for c in colls:
-                        c.detach()
-                for c in colls:
-                    states = {n: c.layer_state(n) for n in layers}
-                    if sdir is not None:
-                        for n, s in states.items():
-                            sdir.save(c.name, n, s)
-                    for k, v in c.publish(states).items():
-                        stats.setdefault(k, {}).update(v)
-                del colls
-        if inputs is not None and fp_out is None and (overrides or fp_inputs):
-            fp_out = inputs.run(block)
+                    c.detach()
+            for c in colls:
+                states = {n: c.layer_state(n) for n in group}
+                if sdir is not None:
+                    for n, st in states.items():
+                        sdir.save(c.name, n, st)
+                for k, v in c.publish(states).items():
+                    stats.setdefault(k, {}).update(v)
+            return out
 
-        quantized = qm.quantize_block(block, inputs, fp_out, stats, layers=layers)
-        extra = set(quantized) - set(layers)
-        if extra:
-            raise ValueError(f"{qm.name}.quantize_block returned layers not in the block: "
-                             f"{sorted(extra)[:3]}")
-        for name, q in quantized.items():
-            if not isinstance(q, QuantLinearBase):
-                raise TypeError(f"{qm.name} returned a {type(q).__name__} for {name!r}, "
-                                "not a QuantLinearBase")
-            set_module(model, name, q.to(device))
-            layer_cfgs[name] = q.layer_config()
-        for key in list(stats):
-            for name in layers:
-                stats[key].pop(name, None)
-        # The replaced Linears are still referenced (by ``layers`` here and the
-        # caller's layer table): drop their weights now, not at the end.
-        for name, lin in layers.items():
-            if name in quantized:
-                release(lin)
+        def install(quantized: Dict[str, QuantLinearBase], group: Dict[str, nn.Linear]) -> None:
+            extra = set(quantized) - set(group)
+            if extra:
+                raise ValueError(f"{qm.name}.quantize_block returned layers not in the block: "
+                                 f"{sorted(extra)[:3]}")
+            for name, q in quantized.items():
+                if not isinstance(q, QuantLinearBase):
+                    raise TypeError(f"{qm.name} returned a {type(q).__name__} for {name!r}, "
+                                    "not a QuantLinearBase")
+                set_module(model, name, q.to(device))
+                layer_cfgs[name] = q.layer_config()
+            for key in list(stats):
+                for name in group:
+                    stats[key].pop(name, None)
+            # The replaced Linears are still referenced (by ``layers`` here and the
+            # caller's layer table): drop their weights now, not at the end.
+            for name, lin in group.items():
+                if name in quantized:
+                    release(lin)
+
+        if sequential_groups and block_scoped and layers and not overrides and inputs is not None:
+            if fp_inputs:
+                fp_out = inputs.run(block)
+            for group in _input_groups(block, layers, inputs):
+                gather(group)
+                install({n: qm.quantize_layer(n, lin, stats) for n, lin in group.items()}, group)
+        else:
+            if block_scoped and layers:
+                fp_out = gather(layers)
+            if inputs is not None and fp_out is None and (overrides or fp_inputs):
+                fp_out = inputs.run(block)
+            install(qm.quantize_block(block, inputs, fp_out, stats, layers=layers), layers)
 
         if inputs is not None and i + 1 < len(blocks):
             nxt = fp_out if fp_inputs else inputs.run(block)
