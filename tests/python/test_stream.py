@@ -241,6 +241,26 @@ def test_streamed_rtn_equals_in_memory_rtn_bit_for_bit(tmp_path, tie):
                            a(input_ids=ids).logits)
 
 
+def test_failed_streamed_write_keeps_the_previous_folder(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_tiny_llama().save_pretrained(src)
+    out = tmp_path / "q"
+    sqllm.quantize(open_on_meta(src), method="rtn", bits=4, progress=False, out=out)
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+    orig = RTN.quantize_layer
+
+    def fail_in_block_1(self, name, linear, stats):
+        if ".layers.1." in name:
+            raise OSError("disk full")
+        return orig(self, name, linear, stats)
+
+    monkeypatch.setattr(RTN, "quantize_layer", fail_in_block_1)
+    with pytest.raises(OSError, match="disk full"):
+        sqllm.quantize(open_on_meta(src), method="rtn", bits=3, progress=False, out=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src"]  # no temporary folder
+
+
 def test_streaming_from_meta_equals_streaming_in_memory(probe_methods, tmp_path, calib_ids):
     src = tmp_path / "src"
     make_tiny_llama().save_pretrained(src, max_shard_size="100KB")  # several input shards
