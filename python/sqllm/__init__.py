@@ -20,6 +20,7 @@ import numpy as np
 from . import _C
 from ._version import __version__
 from .api import quantize, size_report
+from .calib import open_on_meta
 from .calibration import find_linear_layers, fisher_diagonal
 from .config import (FORMAT_VERSION, CalibrationConfig, LayerFormat, QuantizationConfig,
                      QuantizationConfigError, method_options)
@@ -47,6 +48,7 @@ __all__ = [
     "kmeans1d",
     "load_quantized",
     "method_options",
+    "open_on_meta",
     "quantize",
     "read_quantization_config",
     "register_format",

@@ -124,6 +124,20 @@ def _parser(method: Optional[str] = None) -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--eval", action="store_true", help="also report perplexity before/after")
+    q.add_argument("--stats-dir", default=None,
+                   help="save calibration statistics here per layer and reuse them on later runs "
+                        "with the same model and calibration data")
+    q.add_argument("--fp-inputs", action="store_true",
+                   help="streaming: feed each block the full-precision outputs of the previous "
+                        "block (default: the quantized block's, 'true sequential')")
+    q.add_argument("--sequential-groups", action="store_true",
+                   help="streaming: quantize each block's Linears group by group (q/k/v, o, "
+                        "gate/up, down), later groups' statistics taken with earlier ones quantized")
+    q.add_argument("--device", default=None,
+                   help="streaming: where each block is worked on (e.g. cuda; default cpu)")
+    q.add_argument("--no-stream", action="store_true",
+                   help="load the whole model into memory instead of streaming it block by block "
+                        "from its safetensors files (the default for a model folder)")
     _add_eval_args(q, 16384)
     _add_common(q)
     _add_method_options(q, method if method in METHODS else DEFAULT_METHOD)
@@ -158,9 +172,74 @@ def _parser(method: Optional[str] = None) -> argparse.ArgumentParser:
     return ap
 
 
+def _streamable(model: Optional[str]) -> bool:
+    """A transformers folder with safetensors weights (not a saved sqllm folder)."""
+    if model is None:
+        return False
+    d = Path(model)
+    if not (d / "config.json").is_file():
+        return False
+    if not ((d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()):
+        return False
+    cfg = json.loads((d / "config.json").read_text())
+    return cfg.get("quantization_config", {}).get("quant_method") != "sqllm"
+
+
+def _folder_tokenizer(model_dir: str) -> Any:
+    """The folder's tokenizer, or None when it has none."""
+    d = Path(model_dir)
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                            "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def _safetensors_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _cmd_quantize_streamed(args: argparse.Namespace) -> int:
+    from . import quantize
+    from .calib import open_on_meta
+    from .io import load_quantized
+
+    tok = _folder_tokenizer(args.model)
+    if args.eval:
+        from .models import load_model
+
+        if tok is None:
+            raise ValueError(f"--eval needs a tokenizer, and {args.model} has none")
+        fp, _ = load_model(args.model)
+        r = _perplexity(fp, tok, args)
+        print(f"fp perplexity: {r.ppl:.3f} ({r.n_tokens_evaluated} tokens, seqlen {r.seqlen})")
+        del fp
+    model = open_on_meta(args.model)
+    t0 = time.perf_counter()
+    quantize(model, method=args.method, calibration=args.calib_text, tokenizer=tok,
+             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+             progress=not args.quiet, method_options=_method_args(args), stream=True,
+             fp_inputs=args.fp_inputs, stats_dir=args.stats_dir, out=args.out,
+             device=args.device, sequential_groups=args.sequential_groups)
+    dt = time.perf_counter() - t0
+    out = Path(args.out).resolve()
+    n_layers = len(model.config.quantization_config["layers"])
+    print(f"quantized {n_layers} layers block by block in {dt:.1f} s; weights "
+          f"{_safetensors_bytes(Path(args.model)) / 2**20:.1f} MiB -> "
+          f"{_safetensors_bytes(out) / 2**20:.1f} MiB on disk")
+    if args.eval:
+        r = _perplexity(load_quantized(out), tok, args)
+        print(f"quantized perplexity: {r.ppl:.3f}")
+    print(f"saved to {out}")
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from . import quantize, save_quantized, size_report
 
+    if _streamable(args.model) and not args.no_stream:
+        return _cmd_quantize_streamed(args)
     model, tok = _load_any(args.model)
     before = size_report(model)["total_bytes"]
     if args.eval:
@@ -169,7 +248,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     quantize(model, method=args.method, calibration=args.calib_text, tokenizer=tok,
              nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-             progress=not args.quiet, method_options=_method_args(args))
+             progress=not args.quiet, method_options=_method_args(args),
+             fp_inputs=args.fp_inputs, stats_dir=args.stats_dir, device=args.device,
+             sequential_groups=args.sequential_groups,
+             stream=True if args.device or args.sequential_groups else None)
     dt = time.perf_counter() - t0
     rep = size_report(model)
     print(f"quantized in {dt:.1f} s; model {before / 2**20:.1f} MiB -> "

@@ -249,6 +249,13 @@ def check_options(method: str, options: Mapping[str, Any], where: str = "quantiz
 
 # -- the parts -------------------------------------------------------------------
 
+def _block_inputs(value: Optional[str], where: str) -> Optional[str]:
+    if value not in (None, "quantized", "full-precision"):
+        raise QuantizationConfigError(f"{where}.block_inputs must be 'quantized', "
+                                      f"'full-precision' or null, got {value!r}")
+    return value
+
+
 @dataclasses.dataclass
 class CalibrationConfig:
     """Where the statistics came from.
@@ -266,6 +273,15 @@ class CalibrationConfig:
         Folder of saved statistics that were reused (``--stats-dir``).
     precomputed_sensitivity : bool
         True when the sensitivities were passed in (``sensitivity=``).
+    block_inputs : str or None
+        Streamed methods with per-block statistics: which inputs each block's
+        statistics were taken on, ``"quantized"`` (the quantized previous
+        blocks' outputs, "true sequential") or ``"full-precision"``; None when
+        no per-block statistics were collected.
+    sequential_groups : bool
+        Streamed: the Linears of a block were quantized group by group (q/k/v,
+        o, gate/up, down), each group's statistics taken after the earlier
+        groups were quantized.
     """
 
     source: Optional[str] = None
@@ -274,11 +290,15 @@ class CalibrationConfig:
     seed: int = 0
     stats_dir: Optional[str] = None
     precomputed_sensitivity: bool = False
+    block_inputs: Optional[str] = None
+    sequential_groups: bool = False
 
     @classmethod
     def describe(cls, calibration: Any, nsamples: int, seqlen: int, seed: int,
                  stats_dir: Optional[str] = None,
-                 precomputed_sensitivity: bool = False) -> "CalibrationConfig":
+                 precomputed_sensitivity: bool = False,
+                 block_inputs: Optional[str] = None,
+                 sequential_groups: bool = False) -> "CalibrationConfig":
         """The record of ``sqllm.quantize``'s calibration arguments (a source string,
         a [nsamples, seqlen] tensor of token ids, or None)."""
         if isinstance(calibration, str):
@@ -288,7 +308,7 @@ class CalibrationConfig:
         else:
             source, n, s = None, None, None
         return cls(source, n, s, int(seed), None if stats_dir is None else str(stats_dir),
-                   bool(precomputed_sensitivity))
+                   bool(precomputed_sensitivity), block_inputs, bool(sequential_groups))
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -308,6 +328,10 @@ class CalibrationConfig:
             stats_dir=_get(d, "stats_dir", str, where, required=False, nullable=True),
             precomputed_sensitivity=_get(d, "precomputed_sensitivity", bool, where,
                                          required=False, default=False),
+            block_inputs=_block_inputs(_get(d, "block_inputs", str, where, required=False,
+                                            nullable=True), where),
+            sequential_groups=_get(d, "sequential_groups", bool, where, required=False,
+                                   default=False),
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, Optional, Type
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -39,9 +39,14 @@ def get_method(name: str) -> Type["QuantMethod"]:
 class QuantMethod:
     """Base of all methods.  Options are dataclass fields (documented defaults).
 
-    Subclasses set ``name``, say whether they need calibration data
-    (``needs_calibration``), and implement :meth:`quantize_layer`; methods that
-    need statistics implement :meth:`collect` (called once per model).
+    Subclasses set ``name``, declare the statistics they need in ``stats`` (names
+    of collectors in :data:`sqllm.calib.COLLECTORS`: ``"hessian"``, ``"act_stats"``,
+    ``"fisher"``), and implement :meth:`quantize_layer`.  The block streamer
+    (:mod:`sqllm.calib.streamer`) gathers the statistics block by block and hands
+    :meth:`quantize_layer` ``stats[collector][layer_name]`` (for ``"hessian"`` also
+    ``stats["hessian_count"][layer_name]``, the number of token rows).  Methods
+    that train whole blocks override :meth:`quantize_block`.  :meth:`collect` is
+    the whole-model path used without streaming.
 
     Options are documented in the class docstring's ``Attributes`` section
     (``name : type`` then an indented description) or with
@@ -57,8 +62,28 @@ class QuantMethod:
 
     name = ""
     needs_calibration = False
+    #: Collectors whose statistics :meth:`quantize_layer` reads (see ``sqllm.calib``).
+    stats: ClassVar[Tuple[str, ...]] = ()
 
     bits: int = 3
+
+    def required_stats(self) -> Tuple[str, ...]:
+        """The collectors this configured instance needs (``stats`` unless an option drops them)."""
+        return tuple(self.stats)
+
+    def quantize_block(self, block: nn.Module, block_inputs: Any, fp_outputs: Any,
+                       stats: Dict[str, Any], *,
+                       layers: Dict[str, nn.Linear]) -> Dict[str, QuantLinearBase]:
+        """Quantize the Linears of one decoder block; return full name -> quantized layer.
+
+        ``block_inputs`` (:class:`sqllm.calib.BlockInputs`) are the block's inputs on the
+        calibration data (from the quantized previous blocks unless ``fp_inputs``),
+        ``fp_outputs`` the full-precision block's outputs on them (a list of tensors, one per
+        calibration batch; None when no calibration data is used), ``layers`` the block's
+        Linears by full name.  The default quantizes each Linear in turn with
+        :meth:`quantize_layer`; the streamer swaps the returned layers in.
+        """
+        return {name: self.quantize_layer(name, lin, stats) for name, lin in layers.items()}
 
     def collect(self, model: nn.Module, layers: Dict[str, nn.Linear],
                 batches: Optional[torch.Tensor], progress: bool) -> Dict[str, Any]:
@@ -98,6 +123,7 @@ class SqueezeLLM(QuantMethod):
 
     name = "squeezellm"
     needs_calibration = True
+    stats = ("fisher",)
 
     group_axis: str = "row"
     kmeans: str = "exact"
@@ -118,6 +144,9 @@ class SqueezeLLM(QuantMethod):
                                    sparse=self.sparsity > 0)
         if not self.weighted:
             self.needs_calibration = False
+
+    def required_stats(self) -> Tuple[str, ...]:
+        return self.stats if self.weighted else ()
 
     def collect(self, model: nn.Module, layers: Dict[str, nn.Linear],
                 batches: Optional[torch.Tensor], progress: bool) -> Dict[str, Any]:
