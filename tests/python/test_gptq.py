@@ -343,7 +343,7 @@ def test_rtn_method_is_uniform_and_needs_no_calibration(tmp_path):
     assert torch.equal(_logits(loaded, ids), before)
     with pytest.raises(ValueError, match="bits must be in 2..8"):
         sqllm.quantize(make_tiny_llama(), method="rtn", bits=1, progress=False)
-    with pytest.raises(ValueError, match="gptq needs calibration data"):
+    with pytest.raises(ValueError, match="'gptq' needs calibration data"):
         sqllm.quantize(make_tiny_llama(), method="gptq", progress=False)
 
 
