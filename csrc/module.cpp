@@ -26,5 +26,6 @@ PYBIND11_MODULE(_C, m) {
   sqllm::bind::init_kmeans(m);
   sqllm::bind::init_quant(m);
   sqllm::bind::init_gptq(m);
+  sqllm::bind::init_vq(m);
   sqllm::bind::init_cuda(m);
 }

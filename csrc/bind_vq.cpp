@@ -1,0 +1,308 @@
+// Bindings of the vector k-means, the VPTQ quantizer and the VQ format's
+// dequantize/matmul.  Conversion and shape checks only.
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bindings.hpp"
+#include "sqllm/cluster/kmeans_vec.hpp"
+#include "sqllm/quant/vptq.hpp"
+#include "sqllm/vq_matmul.hpp"
+
+namespace sqllm {
+namespace bind {
+
+namespace {
+
+template <class T>
+carray<T> vec_to_numpy(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
+  carray<T> a(shape);
+  SQLLM_CHECK(static_cast<std::size_t>(a.size()) == v.size(), "internal: shape mismatch");
+  std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+VecKmeansInit parse_init(const std::string& s) {
+  if (s == "random") return VecKmeansInit::Random;
+  if (s == "kmeans++") return VecKmeansInit::KMeansPlusPlus;
+  throw Error(detail::concat("init must be 'random' or 'kmeans++', got '", s, "'"));
+}
+
+/// The one place Python arrays become a VqView.
+VqView vq_view(std::size_t out, std::size_t in, int v, std::size_t k, std::size_t k_res,
+               std::size_t group_num, std::size_t group_size, const carray<std::uint32_t>& indices,
+               const carray<float>& centroids, const std::optional<carray<float>>& res_centroids,
+               std::size_t outlier_size, int v_out, std::size_t k_out,
+               const std::optional<carray<std::uint16_t>>& outlier_indices,
+               const std::optional<carray<float>>& outlier_centroids,
+               const std::optional<carray<std::int32_t>>& perm,
+               const std::optional<carray<float>>& scale, const std::optional<carray<float>>& bias,
+               bool validate = true) {
+  VqView q;
+  q.out = out;
+  q.in = in;
+  q.v = v;
+  q.k = k;
+  q.k_res = k_res;
+  q.num_groups = group_num;
+  q.group_size = group_size;
+  q.outlier_size = outlier_size;
+  q.v_out = v_out;
+  q.k_out = k_out;
+  SQLLM_CHECK(v >= 2 && v <= 16, "vq layer: vector length must be in 2..16, got ", v);
+  check_ndim(indices, 3, "indices");
+  const std::size_t words = packed_words(group_size, q.index_bits());
+  SQLLM_CHECK(static_cast<std::size_t>(indices.shape(0)) == group_num &&
+                  static_cast<std::size_t>(indices.shape(1)) == q.rows_main() &&
+                  static_cast<std::size_t>(indices.shape(2)) == words,
+              "indices must have shape (group_num, ceil(out/v), words) = (", group_num, ", ",
+              q.rows_main(), ", ", words, "), got (", indices.shape(0), ", ", indices.shape(1), ", ",
+              indices.shape(2), ")");
+  q.indices = indices.data();
+  SQLLM_CHECK(static_cast<std::size_t>(centroids.size()) == group_num * k * static_cast<std::size_t>(v),
+              "centroids must hold group_num*k*v = ", group_num * k * static_cast<std::size_t>(v),
+              " values, got ", centroids.size());
+  q.centroids = centroids.data();
+  if (res_centroids) {
+    SQLLM_CHECK(static_cast<std::size_t>(res_centroids->size()) == group_num * k_res * static_cast<std::size_t>(v),
+                "res_centroids must hold group_num*k_res*v = ", group_num * k_res * static_cast<std::size_t>(v),
+                " values, got ", res_centroids->size());
+    q.res_centroids = res_centroids->data();
+  }
+  if (outlier_size > 0) {
+    SQLLM_CHECK(outlier_indices && outlier_centroids,
+                "outlier_size > 0 needs outlier_indices and outlier_centroids");
+    SQLLM_CHECK(v_out >= 2 && v_out <= 16, "vq layer: outlier vector length must be in 2..16, got ", v_out);
+    SQLLM_CHECK(static_cast<std::size_t>(outlier_indices->size()) == q.rows_out() * outlier_size,
+                "outlier_indices must have ceil(out/v_out)*outlier_size = ", q.rows_out() * outlier_size,
+                " entries, got ", outlier_indices->size());
+    SQLLM_CHECK(static_cast<std::size_t>(outlier_centroids->size()) == k_out * static_cast<std::size_t>(v_out),
+                "outlier_centroids must hold k_out*v_out = ", k_out * static_cast<std::size_t>(v_out),
+                " values, got ", outlier_centroids->size());
+    q.outlier_indices = outlier_indices->data();
+    q.outlier_centroids = outlier_centroids->data();
+  }
+  if (perm) {
+    SQLLM_CHECK(static_cast<std::size_t>(perm->size()) == in, "perm must have in_features=", in,
+                " entries, got ", perm->size());
+    q.perm = perm->data();
+  }
+  SQLLM_CHECK(scale.has_value() == bias.has_value(), "weight_scale and weight_bias go together");
+  if (scale) {
+    SQLLM_CHECK(static_cast<std::size_t>(scale->size()) == in && static_cast<std::size_t>(bias->size()) == in,
+                "weight_scale and weight_bias must have in_features=", in, " entries");
+    q.scale = scale->data();
+    q.bias = bias->data();
+  }
+  if (validate) check_vq_view(q);
+  return q;
+}
+
+#define SQLLM_VQ_ARGS                                                                            \
+  py::arg("out_features"), py::arg("in_features"), py::arg("v"), py::arg("k"), py::arg("k_res"), \
+      py::arg("group_num"), py::arg("group_size"), py::arg("indices"), py::arg("centroids"),      \
+      py::arg("res_centroids"), py::arg("outlier_size"), py::arg("v_out"), py::arg("k_out"),      \
+      py::arg("outlier_indices"), py::arg("outlier_centroids"), py::arg("perm"),                  \
+      py::arg("scale"), py::arg("bias")
+
+}  // namespace
+
+void init_vq(py::module_& m) {
+  m.def(
+      "vec_kmeans",
+      [](const carray<float>& points, std::optional<carray<float>> weights, std::size_t k,
+         int iters, double tol, const std::string& init, std::uint64_t seed, int num_threads,
+         std::optional<carray<float>> init_centroids) {
+        check_ndim(points, 2, "points");
+        const auto n = static_cast<std::size_t>(points.shape(0));
+        const int v = static_cast<int>(points.shape(1));
+        VecKmeansParams p;
+        p.k = k;
+        p.iters = iters;
+        p.tol = tol;
+        p.init = parse_init(init);
+        p.seed = seed;
+        p.num_threads = num_threads;
+        if (weights) {
+          check_ndim(*weights, 1, "weights");
+          SQLLM_CHECK(static_cast<std::size_t>(weights->shape(0)) == n, "weights must have ", n,
+                      " entries (one per point), got ", weights->shape(0));
+        }
+        if (init_centroids) {
+          check_ndim(*init_centroids, 2, "init_centroids");
+          SQLLM_CHECK(static_cast<std::size_t>(init_centroids->shape(0)) == k &&
+                          init_centroids->shape(1) == points.shape(1),
+                      "init_centroids must have shape (k, v) = (", k, ", ", v, "), got (",
+                      init_centroids->shape(0), ", ", init_centroids->shape(1), ")");
+          p.init_centroids = init_centroids->data();
+        }
+        VecKmeansResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = vec_kmeans(points.data(), n, v, weights ? weights->data() : nullptr, p);
+        }
+        py::dict d;
+        d["centroids"] = vec_to_numpy(r.centroids, {static_cast<py::ssize_t>(k), v});
+        d["assign"] = vec_to_numpy(r.assign, {static_cast<py::ssize_t>(n)});
+        d["objective"] = r.objective;
+        d["iterations"] = r.iterations;
+        d["repaired"] = r.repaired;
+        return d;
+      },
+      py::arg("points"), py::arg("weights") = py::none(), py::arg("k") = 256, py::arg("iters") = 100,
+      py::arg("tol") = 1e-5, py::arg("init") = "random", py::arg("seed") = 0,
+      py::arg("num_threads") = 0, py::arg("init_centroids") = py::none(),
+      "Weighted k-means of (n, v) float32 points (v = 2..16).  Returns a dict: centroids (k, v),\n"
+      "assign (n,) int32, objective (list: after the initial assignment, then each iteration),\n"
+      "iterations, repaired (empty clusters refilled).");
+
+  m.def(
+      "vec_nearest",
+      [](const carray<float>& points, const carray<float>& centroids, int num_threads) {
+        check_ndim(points, 2, "points");
+        check_ndim(centroids, 2, "centroids");
+        SQLLM_CHECK(points.shape(1) == centroids.shape(1), "points and centroids must have the same ",
+                    "vector length, got ", points.shape(1), " and ", centroids.shape(1));
+        const auto n = static_cast<std::size_t>(points.shape(0));
+        carray<std::int32_t> idx(static_cast<py::ssize_t>(n));
+        carray<float> dist(static_cast<py::ssize_t>(n));
+        {
+          py::gil_scoped_release nogil;
+          vec_nearest(points.data(), n, static_cast<int>(points.shape(1)), centroids.data(),
+                      static_cast<std::size_t>(centroids.shape(0)), idx.mutable_data(),
+                      dist.mutable_data(), num_threads);
+        }
+        return py::make_tuple(idx, dist);
+      },
+      py::arg("points"), py::arg("centroids"), py::arg("num_threads") = 0,
+      "Nearest centroid (squared L2, ties to the lower index): (idx int32 (n,), dist float32 (n,)).");
+
+  m.def(
+      "vptq_quantize",
+      [](const carray<float>& weight, const carray<double>& hessian, int v, std::size_t k,
+         std::size_t k_res, std::size_t outlier_cols, int v_out, std::size_t k_out, int group_num,
+         bool enable_perm, bool enable_norm, bool hessian_weights, int blocksize, double percdamp,
+         int kiter, double ktol, const std::string& init, std::uint64_t seed, int num_threads) {
+        check_ndim(weight, 2, "weight");
+        check_ndim(hessian, 2, "hessian");
+        const auto out = static_cast<std::size_t>(weight.shape(0));
+        const auto in = static_cast<std::size_t>(weight.shape(1));
+        SQLLM_CHECK(static_cast<std::size_t>(hessian.shape(0)) == in &&
+                        static_cast<std::size_t>(hessian.shape(1)) == in,
+                    "hessian must have shape (in_features, in_features) = (", in, ", ", in, "), got (",
+                    hessian.shape(0), ", ", hessian.shape(1), ")");
+        VptqParams p;
+        p.v = v;
+        p.k = k;
+        p.k_res = k_res;
+        p.outlier_cols = outlier_cols;
+        p.v_out = v_out;
+        p.k_out = k_out;
+        p.group_num = group_num;
+        p.enable_perm = enable_perm;
+        p.enable_norm = enable_norm;
+        p.hessian_weights = hessian_weights;
+        p.blocksize = blocksize;
+        p.percdamp = percdamp;
+        p.kiter = kiter;
+        p.ktol = ktol;
+        p.init = parse_init(init);
+        p.seed = seed;
+        p.num_threads = num_threads;
+        VptqResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = vptq_quantize(weight.data(), hessian.data(), out, in, p);
+        }
+        const auto G = static_cast<py::ssize_t>(group_num);
+        const auto rm = static_cast<py::ssize_t>(r.rows_main), gs = static_cast<py::ssize_t>(r.group_size);
+        py::dict d;
+        d["group_size"] = r.group_size;
+        d["perm"] = vec_to_numpy(r.perm, {static_cast<py::ssize_t>(in)});
+        d["scale"] = enable_norm ? py::object(vec_to_numpy(r.scale, {static_cast<py::ssize_t>(in)})) : py::none();
+        d["bias"] = enable_norm ? py::object(vec_to_numpy(r.bias, {static_cast<py::ssize_t>(in)})) : py::none();
+        d["centroids"] = vec_to_numpy(r.centroids, {G, static_cast<py::ssize_t>(k) * v});
+        d["res_centroids"] = k_res > 0 ? py::object(vec_to_numpy(r.res_centroids, {G, static_cast<py::ssize_t>(k_res) * v}))
+                                       : py::none();
+        d["main_idx"] = vec_to_numpy(r.main_idx, {G, rm, gs});
+        d["res_idx"] = k_res > 0 ? py::object(vec_to_numpy(r.res_idx, {G, rm, gs})) : py::none();
+        d["outlier_centroids"] =
+            outlier_cols > 0 ? py::object(vec_to_numpy(r.outlier_centroids, {1, static_cast<py::ssize_t>(k_out) * v_out}))
+                             : py::none();
+        d["outlier_idx"] = outlier_cols > 0 ? py::object(vec_to_numpy(
+                                                  r.outlier_idx, {static_cast<py::ssize_t>(r.rows_out),
+                                                                  static_cast<py::ssize_t>(outlier_cols)}))
+                                            : py::none();
+        d["proxy_weight"] = r.proxy_weight;
+        d["proxy_nearest"] = r.proxy_nearest;
+        d["proxy_gptq"] = r.proxy_gptq;
+        d["proxy_residual"] = r.proxy_residual < 0 ? py::object(py::none()) : py::object(py::float_(r.proxy_residual));
+        d["kmeans_objective"] = r.kmeans_objective;
+        return d;
+      },
+      py::arg("weight"), py::arg("hessian"), py::arg("v") = 8, py::arg("k") = 4096,
+      py::arg("k_res") = 0, py::arg("outlier_cols") = 0, py::arg("v_out") = 0, py::arg("k_out") = 0,
+      py::arg("group_num") = 1, py::arg("enable_perm") = true, py::arg("enable_norm") = false,
+      py::arg("hessian_weights") = true, py::arg("blocksize") = 128, py::arg("percdamp") = 0.01,
+      py::arg("kiter") = 100, py::arg("ktol") = 1e-5, py::arg("init") = "random",
+      py::arg("seed") = 0, py::arg("num_threads") = 0,
+      "VPTQ on one weight (float32 [out, in]) with its Hessian (float64 [in, in]); returns a dict\n"
+      "of codebooks, unpacked indices, perm, norm and the proxy errors (include/sqllm/quant/vptq.hpp).");
+
+  m.def(
+      "vq_dequantize",
+      [](std::size_t out, std::size_t in, int v, std::size_t k, std::size_t k_res, std::size_t group_num,
+         std::size_t group_size, const carray<std::uint32_t>& indices, const carray<float>& centroids,
+         const std::optional<carray<float>>& res_centroids, std::size_t outlier_size, int v_out,
+         std::size_t k_out, const std::optional<carray<std::uint16_t>>& outlier_indices,
+         const std::optional<carray<float>>& outlier_centroids,
+         const std::optional<carray<std::int32_t>>& perm, const std::optional<carray<float>>& scale,
+         const std::optional<carray<float>>& bias) {
+        const VqView q = vq_view(out, in, v, k, k_res, group_num, group_size, indices, centroids,
+                                 res_centroids, outlier_size, v_out, k_out, outlier_indices,
+                                 outlier_centroids, perm, scale, bias);
+        carray<float> w({out, in});
+        {
+          py::gil_scoped_release nogil;
+          vq_dequantize(q, w.mutable_data());
+        }
+        return w;
+      },
+      SQLLM_VQ_ARGS, "The (out, in) float32 weight of a VQ layer (validates every buffer).");
+
+  m.def(
+      "vq_matmul",
+      [](const carray<float>& x, std::size_t out, std::size_t in, int v, std::size_t k,
+         std::size_t k_res, std::size_t group_num, std::size_t group_size,
+         const carray<std::uint32_t>& indices, const carray<float>& centroids,
+         const std::optional<carray<float>>& res_centroids, std::size_t outlier_size, int v_out,
+         std::size_t k_out, const std::optional<carray<std::uint16_t>>& outlier_indices,
+         const std::optional<carray<float>>& outlier_centroids,
+         const std::optional<carray<std::int32_t>>& perm, const std::optional<carray<float>>& scale,
+         const std::optional<carray<float>>& bias, int num_threads, bool validate) {
+        check_ndim(x, 2, "x");
+        SQLLM_CHECK(static_cast<std::size_t>(x.shape(1)) == in, "x must have in_features=", in,
+                    " columns, got ", x.shape(1));
+        const VqView q = vq_view(out, in, v, k, k_res, group_num, group_size, indices, centroids,
+                                 res_centroids, outlier_size, v_out, k_out, outlier_indices,
+                                 outlier_centroids, perm, scale, bias, validate);
+        const auto N = static_cast<std::size_t>(x.shape(0));
+        carray<float> y({N, out});
+        {
+          py::gil_scoped_release nogil;
+          vq_matmul(q, x.data(), N, y.mutable_data(), num_threads);
+        }
+        return y;
+      },
+      py::arg("x"), py::arg("out_features"), py::arg("in_features"), py::arg("v"), py::arg("k"),
+      py::arg("k_res"), py::arg("group_num"), py::arg("group_size"), py::arg("indices"),
+      py::arg("centroids"), py::arg("res_centroids"), py::arg("outlier_size"), py::arg("v_out"),
+      py::arg("k_out"), py::arg("outlier_indices"), py::arg("outlier_centroids"), py::arg("perm"),
+      py::arg("scale"), py::arg("bias"), py::arg("num_threads") = 0, py::arg("validate") = true,
+      "y = x W^T for a VQ layer, gathering codebook vectors (W never materialised).");
+}
+
+}  // namespace bind
+}  // namespace sqllm

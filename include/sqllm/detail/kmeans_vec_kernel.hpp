@@ -1,0 +1,133 @@
+// sqllm/detail/kmeans_vec_kernel.hpp -- the register-blocked nearest-centroid
+// kernel behind vec_kmeans and vec_nearest (not public API).
+//
+// Centroids are re-laid out in tiles of 8: tile t holds dimension d of
+// centroids 8t..8t+7 contiguously (tile[d * 8 + lane]), so one tile row is one
+// 8-float SIMD register.  A block of 4 points is held in registers (as
+// broadcast scalars) while the kernel walks all tiles, accumulating
+// (c - x)^2 over the V dimensions for 4 x 8 (point, centroid) pairs and
+// keeping a running minimum and its index per lane; the final reduction over
+// the 8 lanes breaks ties towards the lower index.  V is a compile-time
+// constant (2..16), so the loops unroll fully and the compiler keeps the
+// accumulators in registers.  Padding lanes of the last tile hold a large
+// finite value (kVecPad) that no real point can be nearer to.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "sqllm/error.hpp"
+
+namespace sqllm {
+
+/// Largest |coordinate| the k-means accepts (keeps padded distances finite).
+constexpr float kVecMaxAbs = 1e15f;
+
+namespace detail {
+
+constexpr int kVecLanes = 8;
+constexpr int kVecPoints = 4;
+constexpr float kVecPad = 1e18f;
+
+inline void vec_tile_centroids(const float* C, std::size_t k, int v, std::vector<float>& tiles) {
+  const std::size_t nt = (k + kVecLanes - 1) / kVecLanes, V = static_cast<std::size_t>(v);
+  tiles.assign(nt * V * kVecLanes, kVecPad);
+  for (std::size_t j = 0; j < k; ++j) {
+    const std::size_t t = j / kVecLanes, lane = j % kVecLanes;
+    for (std::size_t d = 0; d < V; ++d) tiles[(t * V + d) * kVecLanes + lane] = C[j * V + d];
+  }
+}
+
+/// Nearest centroid of P points x[P][V] against all tiles.
+template <int V, int P>
+inline void vec_nearest_block(const float (&x)[P][V], const float* tiles, std::size_t ntiles,
+                              std::int32_t* idx, float* dist) {
+  float best[P][kVecLanes];
+  std::int32_t bidx[P][kVecLanes];
+  for (int p = 0; p < P; ++p)
+    for (int l = 0; l < kVecLanes; ++l) {
+      best[p][l] = std::numeric_limits<float>::infinity();
+      bidx[p][l] = l;
+    }
+  for (std::size_t t = 0; t < ntiles; ++t) {
+    const float* c = tiles + t * static_cast<std::size_t>(V) * kVecLanes;
+    float acc[P][kVecLanes] = {};
+    for (int d = 0; d < V; ++d)
+      for (int p = 0; p < P; ++p) {
+        const float xv = x[p][d];
+        for (int l = 0; l < kVecLanes; ++l) {
+          const float e = c[d * kVecLanes + l] - xv;
+          acc[p][l] += e * e;
+        }
+      }
+    const auto base = static_cast<std::int32_t>(t * kVecLanes);
+    for (int p = 0; p < P; ++p)
+      for (int l = 0; l < kVecLanes; ++l) {
+        const bool lt = acc[p][l] < best[p][l];
+        best[p][l] = lt ? acc[p][l] : best[p][l];
+        bidx[p][l] = lt ? base + l : bidx[p][l];
+      }
+  }
+  for (int p = 0; p < P; ++p) {
+    float bd = best[p][0];
+    std::int32_t bi = bidx[p][0];
+    for (int l = 1; l < kVecLanes; ++l)
+      if (best[p][l] < bd || (best[p][l] == bd && bidx[p][l] < bi)) {
+        bd = best[p][l];
+        bi = bidx[p][l];
+      }
+    idx[p] = bi;
+    if (dist != nullptr) dist[p] = bd;
+  }
+}
+
+template <int V>
+void vec_nearest_v(const float* X, std::size_t n, const float* tiles, std::size_t k,
+                   std::int32_t* idx, float* dist, int nt) {
+  constexpr int P = kVecPoints;
+  const std::size_t ntiles = (k + kVecLanes - 1) / kVecLanes;
+  const std::size_t nblk = (n + P - 1) / P;
+  auto run = [&](std::size_t b) {
+    const std::size_t i0 = b * P, m = std::min<std::size_t>(P, n - i0);
+    float x[P][V] = {};
+    for (std::size_t p = 0; p < m; ++p)
+      for (int d = 0; d < V; ++d) x[p][d] = X[(i0 + p) * V + static_cast<std::size_t>(d)];
+    std::int32_t bi[P];
+    float bd[P];
+    vec_nearest_block<V, P>(x, tiles, ntiles, bi, bd);
+    for (std::size_t p = 0; p < m; ++p) {
+      idx[i0 + p] = bi[p];
+      if (dist != nullptr) dist[i0 + p] = bd[p];
+    }
+  };
+  if (nt <= 1 || nblk < 2) {
+    for (std::size_t b = 0; b < nblk; ++b) run(b);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+#endif
+  for (std::ptrdiff_t b = 0; b < static_cast<std::ptrdiff_t>(nblk); ++b) run(static_cast<std::size_t>(b));
+}
+
+#define SQLLM_VEC_CASE(N) \
+  case N:                 \
+    return vec_nearest_v<N>(X, n, tiles, k, idx, dist, nt);
+
+inline void vec_nearest_tiled(const float* X, std::size_t n, int v, const float* tiles,
+                              std::size_t k, std::int32_t* idx, float* dist, int nt) {
+  switch (v) {
+    SQLLM_VEC_CASE(2) SQLLM_VEC_CASE(3) SQLLM_VEC_CASE(4) SQLLM_VEC_CASE(5) SQLLM_VEC_CASE(6)
+    SQLLM_VEC_CASE(7) SQLLM_VEC_CASE(8) SQLLM_VEC_CASE(9) SQLLM_VEC_CASE(10) SQLLM_VEC_CASE(11)
+    SQLLM_VEC_CASE(12) SQLLM_VEC_CASE(13) SQLLM_VEC_CASE(14) SQLLM_VEC_CASE(15) SQLLM_VEC_CASE(16)
+    default:
+      throw Error(detail::concat("unsupported vector length v=", v, " (supported: 2..16)"));
+  }
+}
+#undef SQLLM_VEC_CASE
+
+}  // namespace detail
+}  // namespace sqllm

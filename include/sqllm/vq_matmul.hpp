@@ -1,0 +1,254 @@
+// sqllm/vq_matmul.hpp -- the VQ format (VPTQ's packed layout): one view of
+// the buffers, its validation, dequantization and the CPU matmul.
+//
+// Layout (docs/formats.md, "vq"): G = num_groups, v, k, k_res, B = log2 k +
+// log2 k_res bits per index slot.
+//   indices            [G, ceil(out/v), packed_words(group_size, B)] uint32:
+//                      slot c of vector row r of group g = main | (res << log2 k),
+//                      the packing.hpp stream (LSB first, codes may straddle words)
+//   centroids          [G, k*v]      res_centroids [G, k_res*v] (k_res = 0: absent)
+//   outlier_indices    [ceil(out/v_o), outlier_size] (uint16 values < k_o)
+//   outlier_centroids  [k_o*v_o]
+//   perm               [in] or absent: position j holds original column perm[j]
+//   scale, bias        [in] or absent (enable_norm)
+// Decode: W'[r*v + t, j] = C_g[main][t] + R_g[res][t] for j = outlier_size +
+// g*group_size + c (the first outlier_size positions from the outlier
+// codebook); rows >= out dropped; W[:, perm[j]] = W'[:, j]; W[:, c] =
+// W[:, c] * scale[c] + bias[c].  Arithmetic in fp32.
+//
+// Matmul (small batches): y = x W^T never materialises W.  With x~[j] =
+// x[perm[j]] * scale[perm[j]] and beta = sum_c x[c] * bias[c], y[o] =
+// sum_j x~[j] W'[o, j] + beta: every vector row of v outputs walks its index
+// slots, gathers the v-float centroid (+ residual) and accumulates it times
+// x~[j] for each batch row.  Work per vector row is independent (OpenMP over
+// vector rows; results identical for any thread count).
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <vector>
+
+#include "sqllm/error.hpp"
+#include "sqllm/packing.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace sqllm {
+
+/// Every buffer of one VQ layer (fp32 codebooks; pointers not owned).
+struct VqView {
+  std::size_t out = 0, in = 0;
+  int v = 0;
+  std::size_t k = 0, k_res = 0;          ///< powers of two; k_res = 0: no residual
+  std::size_t num_groups = 1, group_size = 0;
+  const std::uint32_t* indices = nullptr;
+  const float* centroids = nullptr;
+  const float* res_centroids = nullptr;
+  std::size_t outlier_size = 0;
+  int v_out = 0;
+  std::size_t k_out = 0;
+  const std::uint16_t* outlier_indices = nullptr;
+  const float* outlier_centroids = nullptr;
+  const std::int32_t* perm = nullptr;    ///< or nullptr: identity
+  const float* scale = nullptr;          ///< with bias, or both nullptr
+  const float* bias = nullptr;
+
+  int index_bits() const {
+    int b = 0;
+    while ((std::size_t{1} << b) < k) ++b;
+    int r = 0;
+    while (k_res > 0 && (std::size_t{1} << r) < k_res) ++r;
+    return b + r;
+  }
+  int main_bits() const {
+    int b = 0;
+    while ((std::size_t{1} << b) < k) ++b;
+    return b;
+  }
+  std::size_t rows_main() const { return (out + static_cast<std::size_t>(v) - 1) / static_cast<std::size_t>(v); }
+  std::size_t rows_out() const {
+    return outlier_size > 0 ? (out + static_cast<std::size_t>(v_out) - 1) / static_cast<std::size_t>(v_out) : 0;
+  }
+  std::size_t words() const { return packed_words(group_size, index_bits()); }
+};
+
+/// Check the parameters and the values the decode trusts (outlier indices
+/// below k_out, perm a permutation, finite codebooks and norm).
+inline void check_vq_view(const VqView& q) {
+  SQLLM_CHECK(q.out > 0 && q.in > 0, "vq layer: empty shape (", q.out, ", ", q.in, ")");
+  SQLLM_CHECK(q.v >= 2 && q.v <= 16, "vq layer: vector length must be in 2..16, got ", q.v);
+  auto pow2 = [](std::size_t k) { return k >= 2 && (k & (k - 1)) == 0 && k <= 65536; };
+  SQLLM_CHECK(pow2(q.k), "vq layer: num_centroids must be a power of two in 2..65536, got ", q.k);
+  SQLLM_CHECK(q.k_res == 0 || pow2(q.k_res),
+              "vq layer: num_res_centroids must be 0 or a power of two in 2..65536, got ", q.k_res);
+  SQLLM_CHECK(q.num_groups >= 1 && q.group_size >= 1, "vq layer: group_num and group_size must be >= 1");
+  SQLLM_CHECK(q.outlier_size < q.in, "vq layer: outlier_size (", q.outlier_size, ") must be < in_features (", q.in, ")");
+  SQLLM_CHECK(q.outlier_size + (q.num_groups - 1) * q.group_size < q.in &&
+                  q.outlier_size + q.num_groups * q.group_size >= q.in,
+              "vq layer: ", q.num_groups, " groups of ", q.group_size, " columns after ", q.outlier_size,
+              " outlier columns do not cover in_features=", q.in);
+  SQLLM_CHECK(q.indices != nullptr && q.centroids != nullptr, "vq layer: missing indices or centroids");
+  SQLLM_CHECK((q.k_res > 0) == (q.res_centroids != nullptr), "vq layer: residual codebook missing or unexpected");
+  SQLLM_CHECK((q.scale == nullptr) == (q.bias == nullptr), "vq layer: scale and bias go together");
+  for (std::size_t i = 0; i < q.num_groups * q.k * static_cast<std::size_t>(q.v); ++i)
+    SQLLM_CHECK(std::isfinite(q.centroids[i]), "vq layer: centroids contain NaN or Inf");
+  for (std::size_t i = 0; q.res_centroids && i < q.num_groups * q.k_res * static_cast<std::size_t>(q.v); ++i)
+    SQLLM_CHECK(std::isfinite(q.res_centroids[i]), "vq layer: res_centroids contain NaN or Inf");
+  if (q.outlier_size > 0) {
+    SQLLM_CHECK(q.v_out >= 2 && q.v_out <= 16, "vq layer: outlier vector length must be in 2..16, got ", q.v_out);
+    SQLLM_CHECK(q.k_out >= 1 && q.k_out <= 65536, "vq layer: outlier centroids must be in 1..65536, got ", q.k_out);
+    SQLLM_CHECK(q.outlier_indices != nullptr && q.outlier_centroids != nullptr,
+                "vq layer: outlier_size > 0 needs outlier_indices and outlier_centroids");
+    const std::size_t n = q.rows_out() * q.outlier_size;
+    for (std::size_t i = 0; i < n; ++i)
+      SQLLM_CHECK(q.outlier_indices[i] < q.k_out, "vq layer: corrupt outlier index ", q.outlier_indices[i],
+                  " at vector row ", i / q.outlier_size, ", column ", i % q.outlier_size,
+                  " (the outlier codebook has ", q.k_out, " centroids)");
+    for (std::size_t i = 0; i < q.k_out * static_cast<std::size_t>(q.v_out); ++i)
+      SQLLM_CHECK(std::isfinite(q.outlier_centroids[i]), "vq layer: outlier_centroids contain NaN or Inf");
+  }
+  if (q.perm != nullptr) {
+    std::vector<char> seen(q.in, 0);
+    for (std::size_t j = 0; j < q.in; ++j) {
+      const std::int32_t c = q.perm[j];
+      SQLLM_CHECK(c >= 0 && static_cast<std::size_t>(c) < q.in && !seen[static_cast<std::size_t>(c)],
+                  "vq layer: perm is not a permutation of 0..", q.in - 1, " (entry ", j, " = ", c, ")");
+      seen[static_cast<std::size_t>(c)] = 1;
+    }
+  }
+  if (q.scale != nullptr)
+    for (std::size_t c = 0; c < q.in; ++c)
+      SQLLM_CHECK(std::isfinite(q.scale[c]) && std::isfinite(q.bias[c]),
+                  "vq layer: weight_scale/weight_bias contain NaN or Inf at column ", c);
+}
+
+namespace detail {
+
+/// Calls f(j, row, vec, vlen) for every (position j, vector row) with the
+/// decoded vector (outliers and groups).
+template <class F>
+void vq_for_each_row(const VqView& q, std::size_t vrow, bool outliers, std::vector<float>& buf, F&& f) {
+  if (outliers) {
+    const std::size_t vo = static_cast<std::size_t>(q.v_out);
+    for (std::size_t j = 0; j < q.outlier_size; ++j)
+      f(j, q.outlier_centroids + static_cast<std::size_t>(q.outlier_indices[vrow * q.outlier_size + j]) * vo);
+    return;
+  }
+  const std::size_t V = static_cast<std::size_t>(q.v), W = q.words();
+  const int B = q.index_bits(), mb = q.main_bits();
+  const std::uint32_t mmask = static_cast<std::uint32_t>(q.k - 1);
+  buf.resize(V);
+  for (std::size_t g = 0; g < q.num_groups; ++g) {
+    const std::uint32_t* row = q.indices + (g * q.rows_main() + vrow) * W;
+    const float* C = q.centroids + g * q.k * V;
+    const float* R = q.res_centroids ? q.res_centroids + g * q.k_res * V : nullptr;
+    const std::size_t j0 = q.outlier_size + g * q.group_size;
+    const std::size_t n = std::min(q.group_size, q.in - j0);
+    for (std::size_t c = 0; c < n; ++c) {
+      const std::uint32_t code = get_code(row, c, B);
+      const float* cv = C + static_cast<std::size_t>(code & mmask) * V;
+      if (R != nullptr) {
+        const float* rv = R + static_cast<std::size_t>(code >> mb) * V;
+        for (std::size_t t = 0; t < V; ++t) buf[t] = cv[t] + rv[t];
+        f(j0 + c, buf.data());
+      } else {
+        f(j0 + c, cv);
+      }
+    }
+  }
+}
+
+inline int vq_threads(int nt) {
+#ifdef _OPENMP
+  return nt > 0 ? nt : omp_get_max_threads();
+#else
+  (void)nt;
+  return 1;
+#endif
+}
+
+}  // namespace detail
+
+/// The (out x in) fp32 weight, row-major.
+inline void vq_dequantize(const VqView& q, float* Wout, int num_threads = 0) {
+  const int nt = detail::vq_threads(num_threads);
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool outl = pass == 0;
+    if (outl && q.outlier_size == 0) continue;
+    const std::size_t vl = static_cast<std::size_t>(outl ? q.v_out : q.v);
+    const std::size_t nrows = outl ? q.rows_out() : q.rows_main();
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+#endif
+    for (std::ptrdiff_t rr = 0; rr < static_cast<std::ptrdiff_t>(nrows); ++rr) {
+      std::vector<float> buf;
+      const std::size_t r = static_cast<std::size_t>(rr);
+      detail::vq_for_each_row(q, r, outl, buf, [&](std::size_t j, const float* vec) {
+        const std::size_t c = q.perm ? static_cast<std::size_t>(q.perm[j]) : j;
+        const float s = q.scale ? q.scale[c] : 1.0f, b = q.bias ? q.bias[c] : 0.0f;
+        for (std::size_t t = 0; t < vl && r * vl + t < q.out; ++t)
+          Wout[(r * vl + t) * q.in + c] = q.scale ? vec[t] * s + b : vec[t];
+      });
+    }
+  }
+  (void)nt;
+}
+
+/// y (N x out) = x (N x in) W^T, fp32, without materialising W.
+inline void vq_matmul(const VqView& q, const float* x, std::size_t N, float* y, int num_threads = 0) {
+  const int nt = detail::vq_threads(num_threads);
+  // x~ (N x in, position order) and beta.
+  std::vector<float> xt(N * q.in);
+  std::vector<float> beta(N, 0.0f);
+  for (std::size_t b = 0; b < N; ++b) {
+    double bs = 0.0;
+    for (std::size_t j = 0; j < q.in; ++j) {
+      const std::size_t c = q.perm ? static_cast<std::size_t>(q.perm[j]) : j;
+      xt[b * q.in + j] = q.scale ? x[b * q.in + c] * q.scale[c] : x[b * q.in + c];
+      if (q.bias) bs += static_cast<double>(x[b * q.in + j]) * static_cast<double>(q.bias[j]);
+    }
+    beta[b] = static_cast<float>(bs);
+  }
+  std::fill(y, y + N * q.out, 0.0f);
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool outl = pass == 1;
+    if (outl && q.outlier_size == 0) continue;
+    const std::size_t vl = static_cast<std::size_t>(outl ? q.v_out : q.v);
+    const std::size_t nrows = outl ? q.rows_out() : q.rows_main();
+    std::exception_ptr error;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+#endif
+    for (std::ptrdiff_t rr = 0; rr < static_cast<std::ptrdiff_t>(nrows); ++rr) {
+      try {
+        const std::size_t r = static_cast<std::size_t>(rr);
+        std::vector<float> buf, acc(N * vl, 0.0f);
+        detail::vq_for_each_row(q, r, outl, buf, [&](std::size_t j, const float* vec) {
+          for (std::size_t b = 0; b < N; ++b) {
+            const float xv = xt[b * q.in + j];
+            float* a = acc.data() + b * vl;
+            for (std::size_t t = 0; t < vl; ++t) a[t] += xv * vec[t];
+          }
+        });
+        for (std::size_t b = 0; b < N; ++b)
+          for (std::size_t t = 0; t < vl && r * vl + t < q.out; ++t) y[b * q.out + r * vl + t] += acc[b * vl + t];
+      } catch (...) {
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+        error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+  }
+  if (q.bias)
+    for (std::size_t b = 0; b < N; ++b)
+      for (std::size_t o = 0; o < q.out; ++o) y[b * q.out + o] += beta[b];
+  (void)nt;
+}
+
+}  // namespace sqllm
