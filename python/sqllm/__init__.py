@@ -30,6 +30,8 @@ from .methods import METHODS, QuantMethod, get_method, register_method
 from .nn import FORMATS, QuantLinear, QuantLinearBase, register_format
 from .nn_uniform import UniformQuantLinear
 from .gptq import GptqResult, gptq_quantize
+from .nn_vq import VQQuantLinear
+from .vptq import vptq_quantize
 
 __all__ = [
     "CalibrationConfig",
@@ -48,6 +50,7 @@ __all__ = [
     "fisher_diagonal",
     "get_method",
     "gptq_quantize",
+    "vptq_quantize",
     "has_cuda",
     "kmeans1d",
     "load_quantized",
@@ -60,6 +63,7 @@ __all__ = [
     "save_quantized",
     "size_report",
     "UniformQuantLinear",
+    "VQQuantLinear",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

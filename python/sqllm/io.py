@@ -212,7 +212,8 @@ def _check_saved(folder: Path) -> None:
 
 
 def read_quantization_config(path: PathLike) -> QuantizationConfig:
-    """The :class:`~sqllm.QuantizationConfig` of a saved folder (format version 1 or 2).
+    """The :class:`~sqllm.QuantizationConfig` of a saved folder (format version 1 or 2),
+    or of a folder in upstream VPTQ's published layout (``quant_method: "vptq"``).
 
     Raises FileNotFoundError without ``config.json`` and ValueError
     (:class:`~sqllm.config.QuantizationConfigError`) when it is not valid JSON,
@@ -227,6 +228,13 @@ def read_quantization_config(path: PathLike) -> QuantizationConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
     q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if isinstance(q, dict) and q.get("quant_method") == "vptq":
+        from .vptq import upstream_config
+
+        try:
+            return upstream_config(q)
+        except QuantizationConfigError as e:
+            raise QuantizationConfigError(f"{cfg_file}: {e}") from None
     if not isinstance(q, dict) or q.get("quant_method") != "sqllm":
         raise ValueError(f"{cfg_file} has no sqllm quantization_config")
     try:

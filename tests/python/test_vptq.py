@@ -1,0 +1,331 @@
+"""Vector k-means, the VPTQ quantizer and the vq format against plain NumPy references."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sqllm
+from sqllm import _C
+from sqllm.nn_vq import VQQuantLinear
+
+from conftest import make_tiny_llama
+
+
+# -- references --------------------------------------------------------------------
+
+def np_lloyd(X, w, C0, iters):
+    """Weighted Lloyd in float64 from the given centroids (empty clusters keep theirs)."""
+    X = X.astype(np.float64)
+    C = C0.astype(np.float64).copy()
+    objs = []
+    for it in range(iters + 1):
+        d = ((X[:, None, :] - C[None, :, :]) ** 2).sum(-1)
+        a = d.argmin(1)
+        objs.append(float((w * d[np.arange(len(X)), a]).sum()))
+        if it == iters:
+            break
+        for j in range(len(C)):
+            m = a == j
+            if w[m].sum() > 0:
+                C[j] = (w[m, None] * X[m]).sum(0) / w[m].sum()
+    return C, a, objs
+
+
+def unpack_stream(words, n, bits):
+    """Codes of one LSB-first bit stream of uint32 words (plain Python integers)."""
+    big = 0
+    for i, wd in enumerate(int(x) & 0xFFFFFFFF for x in words):
+        big |= wd << (32 * i)
+    return [(big >> (j * bits)) & ((1 << bits) - 1) for j in range(n)]
+
+
+def pack_stream(codes, bits, nwords):
+    big = 0
+    for j, c in enumerate(codes):
+        big |= int(c) << (j * bits)
+    return [(big >> (32 * i)) & 0xFFFFFFFF for i in range(nwords)]
+
+
+def upstream_decode(t, cfg):
+    """Upstream's documented decode (upstream-formats.md), in float64 NumPy."""
+    out, inn = cfg["out_features"], cfg["in_features"]
+    v_o, v = cfg["vector_lens"]
+    k_o, k = cfg["num_centroids"]
+    kr = max(cfg["num_res_centroids"][1], 0)
+    G, gs, osz = cfg["group_num"], cfg["group_size"], cfg["outlier_size"]
+    lk = k.bit_length() - 1
+    B = lk + (kr.bit_length() - 1 if kr else 0)
+    C = t["centroids.weight"].double().numpy().reshape(G, k, v)
+    R = t["res_centroids.weight"].double().numpy().reshape(G, kr, v) if kr else None
+    idx = t["indices"].numpy()
+    rows = -(-out // v)
+    Wp = np.zeros((rows * v, inn))
+    for g in range(G):
+        for r in range(rows):
+            n = min(gs, inn - osz - g * gs)
+            for c, code in enumerate(unpack_stream(idx[g, r], n, B)):
+                vec = C[g, code & (k - 1)] + (R[g, code >> lk] if kr else 0.0)
+                Wp[r * v:(r + 1) * v, osz + g * gs + c] = vec
+    if osz:
+        OC = t["outlier_centroids.weight"].double().numpy().reshape(k_o, v_o)
+        oi = t["outlier_indices"].numpy().view(np.uint16)[0]
+        Wo = np.zeros((oi.shape[0] * v_o, osz))
+        for r in range(oi.shape[0]):
+            for c in range(osz):
+                Wo[r * v_o:(r + 1) * v_o, c] = OC[oi[r, c]]
+        Wp[:out, :osz] = Wo[:out]
+    Wp = Wp[:out]
+    W = np.empty_like(Wp)
+    if cfg.get("enable_perm"):
+        perm = t["perm"].numpy().view(np.uint16).astype(np.int64)
+        W[:, perm] = Wp
+    else:
+        W = Wp
+    if cfg.get("enable_norm"):
+        W = W * t["weight_scale"].double().numpy() + t["weight_bias"].double().numpy()
+    return W
+
+
+def correlated_hessian(inn, rows=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(rows, inn, generator=g, dtype=torch.float64)
+    X[:, 1:] += 0.8 * X[:, :-1].clone()
+    X *= torch.linspace(0.2, 2.0, inn, dtype=torch.float64)  # uneven diagonal: perm matters
+    return X.T @ X
+
+
+def proxy(W, Wq, H):
+    d = W.double() - Wq.double()
+    return float(torch.einsum("oi,ij,oj->", d, H, d))
+
+
+# -- vector k-means ------------------------------------------------------------------
+
+@pytest.mark.parametrize("v,k", [(2, 5), (4, 16), (8, 7), (16, 3)])
+def test_vec_kmeans_matches_numpy_lloyd(v, k):
+    rng = np.random.default_rng(v * 10 + k)
+    X = rng.normal(size=(300, v)).astype(np.float32)
+    w = rng.uniform(0.1, 2.0, 300).astype(np.float32)
+    C0 = X[rng.choice(300, k, replace=False)]
+    r = _C.vec_kmeans(X, w, k=k, iters=15, tol=0.0, init_centroids=C0)
+    C, a, objs = np_lloyd(X, w.astype(np.float64), C0, r["iterations"])
+    np.testing.assert_array_equal(r["assign"], a)
+    # centroids: fp32 storage of float64 means (relative 2^-24 per coordinate)
+    np.testing.assert_allclose(r["centroids"], C, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r["objective"], objs, rtol=1e-6)
+    assert all(b <= a_ * (1 + 1e-6) for a_, b in zip(r["objective"], r["objective"][1:]))
+
+
+def test_vec_kmeans_more_centroids_never_hurt_and_is_deterministic():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(2000, 6)).astype(np.float32)
+    objs = [_C.vec_kmeans(X, k=k, iters=30, init="kmeans++", seed=0)["objective"][-1]
+            for k in (8, 32, 128)]
+    assert objs[0] > objs[1] > objs[2]
+    a = _C.vec_kmeans(X, k=64, iters=10, seed=5, num_threads=1)
+    b = _C.vec_kmeans(X, k=64, iters=10, seed=5, num_threads=2)
+    np.testing.assert_array_equal(a["centroids"], b["centroids"])
+
+
+def test_vec_kmeans_bad_input():
+    X = np.zeros((10, 4), np.float32)
+    with pytest.raises(ValueError, match="vector length must be in 2..16"):
+        _C.vec_kmeans(np.zeros((10, 17), np.float32), k=2)
+    with pytest.raises(ValueError, match="sample weights must be finite and >= 0"):
+        _C.vec_kmeans(X, -np.ones(10, np.float32), k=2)
+    with pytest.raises(ValueError, match="weights must have 10 entries"):
+        _C.vec_kmeans(X, np.ones(9, np.float32), k=2)
+    X[3, 1] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        _C.vec_kmeans(X, k=2)
+    with pytest.raises(ValueError, match="init must be"):
+        _C.vec_kmeans(np.zeros((10, 4), np.float32), k=2, init="farthest")
+
+
+# -- the quantizer ---------------------------------------------------------------------
+
+def test_error_feedback_and_residual_lower_the_proxy_error():
+    torch.manual_seed(0)
+    out, inn = 64, 96
+    W = torch.randn(out, inn) * 0.05
+    H = correlated_hessian(inn)
+    layer, r = sqllm.vptq_quantize(W, H, v=4, k=32, k_res=8, kiter=30, enable_norm=True,
+                                   return_result=True)
+    assert r["proxy_gptq"] < 0.95 * r["proxy_nearest"]
+    assert r["proxy_residual"] < 0.9 * r["proxy_gptq"]
+    # The reported error is that of the stored layer (fp16 codebooks/norm, fp32 decode).
+    assert proxy(W, layer.dequantize(), H) == pytest.approx(r["proxy_residual"], rel=1e-4)
+    assert r["proxy_weight"] == pytest.approx(proxy(W, torch.zeros_like(W), H), rel=1e-9)
+
+
+@pytest.mark.parametrize("perm,norm,outliers,groups,out", [
+    (True, True, 5, 2, 60), (False, True, 0, 3, 64), (True, False, 7, 1, 62), (False, False, 0, 1, 64)])
+def test_dequantize_equals_the_upstream_decode(perm, norm, outliers, groups, out):
+    torch.manual_seed(1)
+    inn = 50
+    W = torch.randn(out, inn) * 0.1 + 0.02
+    H = correlated_hessian(inn, seed=2)
+    layer = sqllm.vptq_quantize(W, H, v=4, k=16, k_res=4, outlier_cols=outliers,
+                                v_out=2 if outliers else 0, k_out=8 if outliers else 0,
+                                group_num=groups, enable_perm=perm, enable_norm=norm, kiter=10)
+    t = dict(layer.state_dict())
+    cfg = {"in_features": inn, "out_features": out, "vector_lens": [2 if outliers else -1, 4],
+           "num_centroids": [8 if outliers else -1, 16], "num_res_centroids": [-1, 4],
+           "group_num": groups, "group_size": layer.group_size, "outlier_size": outliers,
+           "enable_perm": perm, "enable_norm": norm}
+    ref = upstream_decode(t, cfg)
+    # fp16 codebook values summed in fp32, then one fp32 multiply-add with fp16 norm values:
+    # a few fp32 ulps of |W| ~ 0.3.
+    np.testing.assert_allclose(layer.dequantize().double().numpy(), ref, rtol=0, atol=1e-6)
+    if perm:
+        p = t["perm"].numpy().view(np.uint16).astype(np.int64)
+        d = torch.diagonal(H).numpy()
+        if norm:
+            d = d * t["weight_scale"].double().numpy() ** 2
+        assert np.all(np.diff(d[p]) <= 0)  # columns by decreasing (normalised) Hessian diagonal
+
+
+def test_vq_matmul_equals_dequantize_then_linear():
+    torch.manual_seed(2)
+    W = torch.randn(40, 72) * 0.1
+    H = correlated_hessian(72, seed=3)
+    layer = sqllm.vptq_quantize(W, H, v=8, k=64, k_res=16, outlier_cols=4, v_out=4, k_out=32,
+                                enable_norm=True, kiter=10, bias=torch.randn(40))
+    Wq = layer.dequantize()
+    for n in (1, 3, 8, 40):  # gather kernel up to 16 rows, dequantize + GEMM above
+        x = torch.randn(n, 72)
+        ref = x.double() @ Wq.double().T + layer.bias.double()
+        torch.testing.assert_close(layer(x).double(), ref, rtol=0, atol=2e-5)
+    x = torch.randn(2, 5, 72)[:, ::2]  # non-contiguous, 3-D
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, Wq, layer.bias),
+                               rtol=0, atol=2e-5)
+
+
+def test_quantizer_bad_input():
+    W = torch.randn(16, 24)
+    H = correlated_hessian(24)
+    with pytest.raises(ValueError, match="power of two"):
+        sqllm.vptq_quantize(W, H, v=4, k=12)
+    with pytest.raises(ValueError, match="vector length must be in 2..16"):
+        sqllm.vptq_quantize(W, H, v=1, k=16)
+    Hn = H.clone()
+    Hn[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="Hessian contains NaN"):
+        sqllm.vptq_quantize(W, Hn, v=4, k=16)
+    with pytest.raises(ValueError, match="hessian must have shape"):
+        sqllm.vptq_quantize(W, H[:20, :20], v=4, k=16)
+    with pytest.raises(ValueError, match="empty group"):
+        sqllm.vptq_quantize(W, H, v=4, k=16, group_num=7)
+    from sqllm.vptq import VPTQ
+    with pytest.raises(ValueError, match="power of two"):
+        VPTQ(vector_lens=[-1, 4], num_centroids=[-1, 1000])
+    with pytest.raises(ValueError, match="outlier codebook"):
+        VPTQ(npercent=1.0)
+
+
+# -- the format: upstream layout, save/load --------------------------------------------
+
+def _write_upstream_folder(folder, model, seed=0):
+    """An independent writer of VPTQ's published layout (from the documented format):
+    random codebooks and codes for every decoder Linear, the rest of the model as is."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    cfg = model.config.to_dict()
+    layers, tensors, expected = {}, {}, {}
+    lins = {n: m for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    v, k, kr, vo, ko, G = 4, 16, 4, 2, 8, 2
+    for name, lin in lins.items():
+        out, inn = lin.out_features, lin.in_features
+        osz = 3
+        gs = -(-(inn - osz) // G)
+        B = 4 + 2
+        rows = -(-out // v)
+        words = -(-gs * B // 32)
+        main = rng.integers(0, k, (G, rows, gs))
+        res = rng.integers(0, kr, (G, rows, gs))
+        idx = np.zeros((G, rows, words), np.int64)
+        for g in range(G):
+            n = min(gs, inn - osz - g * gs)
+            for r in range(rows):
+                slots = [int(main[g, r, c]) | (int(res[g, r, c]) << 4) for c in range(n)]
+                idx[g, r] = pack_stream(slots, B, words)
+        t = {"indices": torch.from_numpy(idx.astype(np.uint32).view(np.int32)),
+             "centroids.weight": torch.from_numpy(rng.normal(0, 0.5, (G, k * v))).half(),
+             "res_centroids.weight": torch.from_numpy(rng.normal(0, 0.05, (G, kr * v))).half(),
+             "outlier_indices": torch.from_numpy(
+                 rng.integers(0, ko, (1, -(-out // vo), osz)).astype(np.int16)),
+             "outlier_centroids.weight": torch.from_numpy(rng.normal(0, 1, (1, ko * vo))).half(),
+             "perm": torch.from_numpy(rng.permutation(inn).astype(np.uint16).view(np.int16)),
+             "weight_scale": torch.from_numpy(rng.uniform(0.05, 0.2, inn)).half(),
+             "weight_bias": torch.from_numpy(rng.normal(0, 0.01, inn)).half()}
+        lcfg = {"in_features": inn, "out_features": out, "vector_lens": [vo, v],
+                "num_centroids": [ko, k], "num_res_centroids": [-1, kr], "group_num": G,
+                "group_size": gs, "outlier_size": osz, "is_indice_packed": True,
+                "enable_norm": True, "enable_perm": True, "bias": False}
+        layers[name] = lcfg
+        expected[name] = upstream_decode(t, lcfg)
+        for key, val in t.items():
+            tensors[f"{name}.{key}"] = val.contiguous()
+    for n, p in model.state_dict().items():
+        if not any(n.startswith(lname + ".") for lname in lins):
+            tensors[n] = p.detach().clone().contiguous()
+    tensors.pop("lm_head.weight", None)  # tied to the embeddings in the tiny model
+    cfg["quantization_config"] = {"quant_method": "vptq", "config_for_layers": layers,
+                                  "shared_layer_config": {}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(folder / "model.safetensors"))
+    return expected
+
+
+def test_a_folder_in_vptq_published_layout_loads(tmp_path):
+    model = make_tiny_llama()
+    expected = _write_upstream_folder(tmp_path / "vptq", model)
+    loaded = sqllm.load_quantized(tmp_path / "vptq")
+    for name, W in expected.items():
+        layer = loaded.get_submodule(name)
+        assert isinstance(layer, VQQuantLinear)
+        np.testing.assert_allclose(layer.dequantize().double().numpy(), W, rtol=0, atol=1e-5)
+    ids = torch.randint(0, 256, (1, 12))
+    assert torch.isfinite(loaded(ids).logits).all()
+    # Round trip through sqllm's own folder keeps every tensor.
+    again = sqllm.load_quantized(sqllm.save_quantized(loaded, tmp_path / "ours"))
+    for name in expected:
+        assert torch.equal(again.get_submodule(name).dequantize(), loaded.get_submodule(name).dequantize())
+
+
+def test_corrupt_upstream_indices_are_rejected(tmp_path):
+    from safetensors.torch import load_file
+
+    model = make_tiny_llama()
+    _write_upstream_folder(tmp_path / "bad", model)
+    sd = load_file(str(tmp_path / "bad" / "model.safetensors"))
+    key = next(k for k in sd if k.endswith("outlier_indices"))
+    sd[key][0, 0, 0] = 8  # k_o = 8 centroids
+    save_file(sd, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(ValueError, match="corrupt outlier index 8"):
+        sqllm.load_quantized(tmp_path / "bad")
+    sd[key][0, 0, 0] = 0
+    pkey = next(k for k in sd if k.endswith(".perm"))
+    sd[pkey][1] = sd[pkey][0]
+    save_file(sd, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(ValueError, match="perm is not a permutation"):
+        sqllm.load_quantized(tmp_path / "bad")
+
+
+def test_quantize_method_vptq_saves_and_loads(tmp_path, calib_ids, caplog):
+    model = make_tiny_llama()
+    with caplog.at_level("INFO", logger="sqllm.vptq"):
+        sqllm.quantize(model, method="vptq", calibration=calib_ids, progress=False,
+                       vector_lens=[-1, 4], num_centroids=[-1, 64], num_res_centroids=[-1, 16],
+                       kiter=10, method_options={"seed": 1})
+    assert any("after residual" in r.message for r in caplog.records)
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, VQQuantLinear) and layer.num_res_centroids == 16
+    assert model.config.quantization_config["options"]["seed"] == 1
+    ids = torch.randint(0, 256, (2, 16))
+    before = model(ids).logits
+    loaded = sqllm.load_quantized(sqllm.save_quantized(model, tmp_path / "q"))
+    assert torch.equal(loaded(ids).logits, before)
