@@ -128,8 +128,8 @@ inline void check_vq_view(const VqView& q) {
 
 namespace detail {
 
-/// Calls f(j, row, vec, vlen) for every (position j, vector row) with the
-/// decoded vector (outliers and groups).
+/// Calls f(j, vec) for every position j of vector row `vrow` with the decoded
+/// vector (the outlier codebook's positions, or the groups').
 template <class F>
 void vq_for_each_row(const VqView& q, std::size_t vrow, bool outliers, std::vector<float>& buf, F&& f) {
   if (outliers) {
@@ -170,6 +170,81 @@ inline int vq_threads(int nt) {
   return 1;
 #endif
 }
+
+/// The group codebooks' share of y for vector rows [0, rows_main): V is a
+/// compile-time vector length so one centroid is a few SIMD registers; codes
+/// of a row are decoded 64 bits at a time; at most 16 batch rows per pass.
+template <int V>
+void vq_matmul_main(const VqView& q, const float* xt, std::size_t N, float* y, int nt) {
+  const std::size_t W = q.words(), nrows = q.rows_main();
+  const int B = q.index_bits(), mb = q.main_bits();
+  const std::uint32_t mmask = static_cast<std::uint32_t>(q.k - 1);
+  const std::uint64_t cmask = (std::uint64_t{1} << B) - 1u;
+  std::exception_ptr error;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+#endif
+  for (std::ptrdiff_t rr = 0; rr < static_cast<std::ptrdiff_t>(nrows); ++rr) {
+    try {
+      const std::size_t r = static_cast<std::size_t>(rr);
+      for (std::size_t b0 = 0; b0 < N; b0 += 16) {
+        const std::size_t nb = std::min<std::size_t>(16, N - b0);
+        float acc[16][V] = {};
+        for (std::size_t g = 0; g < q.num_groups; ++g) {
+          const std::uint32_t* row = q.indices + (g * nrows + r) * W;
+          const float* C = q.centroids + g * q.k * V;
+          const float* R = q.res_centroids ? q.res_centroids + g * q.k_res * V : nullptr;
+          const std::size_t j0 = q.outlier_size + g * q.group_size;
+          const std::size_t n = std::min(q.group_size, q.in - j0);
+          std::size_t bit = 0;
+          for (std::size_t c = 0; c < n; ++c, bit += static_cast<std::size_t>(B)) {
+            const std::size_t w = bit >> 5;
+            std::uint64_t word = row[w];
+            if (w + 1 < W) word |= static_cast<std::uint64_t>(row[w + 1]) << 32;
+            const auto code = static_cast<std::uint32_t>((word >> (bit & 31u)) & cmask);
+            float vec[V];
+            const float* cv = C + static_cast<std::size_t>(code & mmask) * V;
+            if (R != nullptr) {
+              const float* rv = R + static_cast<std::size_t>(code >> mb) * V;
+              for (int t = 0; t < V; ++t) vec[t] = cv[t] + rv[t];
+            } else {
+              for (int t = 0; t < V; ++t) vec[t] = cv[t];
+            }
+            const float* xj = xt + b0 * q.in + j0 + c;
+            for (std::size_t b = 0; b < nb; ++b) {
+              const float xv = xj[b * q.in];
+              for (int t = 0; t < V; ++t) acc[b][t] += xv * vec[t];
+            }
+          }
+        }
+        for (std::size_t b = 0; b < nb; ++b)
+          for (std::size_t t = 0; t < static_cast<std::size_t>(V) && r * V + t < q.out; ++t)
+            y[(b0 + b) * q.out + r * V + t] += acc[b][t];
+      }
+    } catch (...) {
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+      error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+#define SQLLM_VQ_CASE(N) \
+  case N:                \
+    return vq_matmul_main<N>(q, xt, batch, y, nt);
+
+inline void vq_matmul_main_dispatch(const VqView& q, const float* xt, std::size_t batch, float* y, int nt) {
+  switch (q.v) {
+    SQLLM_VQ_CASE(2) SQLLM_VQ_CASE(3) SQLLM_VQ_CASE(4) SQLLM_VQ_CASE(5) SQLLM_VQ_CASE(6)
+    SQLLM_VQ_CASE(7) SQLLM_VQ_CASE(8) SQLLM_VQ_CASE(9) SQLLM_VQ_CASE(10) SQLLM_VQ_CASE(11)
+    SQLLM_VQ_CASE(12) SQLLM_VQ_CASE(13) SQLLM_VQ_CASE(14) SQLLM_VQ_CASE(15) SQLLM_VQ_CASE(16)
+    default:
+      throw Error(detail::concat("unsupported vector length v=", q.v, " (supported: 2..16)"));
+  }
+}
+#undef SQLLM_VQ_CASE
 
 }  // namespace detail
 
@@ -214,11 +289,9 @@ inline void vq_matmul(const VqView& q, const float* x, std::size_t N, float* y, 
     beta[b] = static_cast<float>(bs);
   }
   std::fill(y, y + N * q.out, 0.0f);
-  for (int pass = 0; pass < 2; ++pass) {
-    const bool outl = pass == 1;
-    if (outl && q.outlier_size == 0) continue;
-    const std::size_t vl = static_cast<std::size_t>(outl ? q.v_out : q.v);
-    const std::size_t nrows = outl ? q.rows_out() : q.rows_main();
+  detail::vq_matmul_main_dispatch(q, xt.data(), N, y, nt);
+  if (q.outlier_size > 0) {  // the outlier codebook's columns (a few; generic loop)
+    const std::size_t vl = static_cast<std::size_t>(q.v_out), nrows = q.rows_out();
     std::exception_ptr error;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -227,7 +300,7 @@ inline void vq_matmul(const VqView& q, const float* x, std::size_t N, float* y, 
       try {
         const std::size_t r = static_cast<std::size_t>(rr);
         std::vector<float> buf, acc(N * vl, 0.0f);
-        detail::vq_for_each_row(q, r, outl, buf, [&](std::size_t j, const float* vec) {
+        detail::vq_for_each_row(q, r, true, buf, [&](std::size_t j, const float* vec) {
           for (std::size_t b = 0; b < N; ++b) {
             const float xv = xt[b * q.in + j];
             float* a = acc.data() + b * vl;

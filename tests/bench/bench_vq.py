@@ -1,0 +1,130 @@
+"""Vector k-means vs faiss-cpu's k-means, and the VQ CPU kernel vs torch.
+
+    python tests/bench/bench_vq.py [--threads 2] [--quick]
+
+Part 1 clusters the same weighted data with both (same k, v, iterations, no
+subsampling, same thread count; random initialisation from the data in both)
+and prints the time ratio and the ratio of the final weighted objectives
+(sqllm / faiss; <= 1.0 means sqllm's clustering is at least as good).  Part 2
+times y = x W^T for one VQ layer: the gather kernel, torch dequantize +
+F.linear, and fp32 F.linear on the dense weight, at batch 1 and 8.  Ratios
+only: on a shared machine absolute times are noisy (medians of repeats).
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.append("/tmp/f_faiss")  # a faiss-cpu installed with pip --target (after site-packages)
+
+import sqllm  # noqa: E402
+from sqllm import _C  # noqa: E402
+from sqllm.nn_vq import VQQuantLinear  # noqa: E402
+
+
+def median_time(fn, repeats):
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def objective(X, w, C):
+    idx, _ = _C.vec_nearest(X, C.astype(np.float32))
+    d = ((X.astype(np.float64) - C.astype(np.float64)[idx]) ** 2).sum(1)
+    return float((w * d).sum())
+
+
+def bench_kmeans(threads, quick):
+    try:
+        import faiss
+    except ImportError:
+        print("faiss-cpu is not installed (pip install faiss-cpu): skipping the k-means comparison")
+        return
+    faiss.omp_set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    cases = [(8, 256, 65536), (8, 4096, 131072), (6, 4096, 131072), (4, 1024, 131072)]
+    if quick:
+        cases = cases[:2]
+    iters = 10
+    print(f"k-means, {iters} iterations, {threads} threads, weighted (w ~ U(0.1, 2))")
+    print(f"{'v':>3} {'k':>6} {'n':>8} {'sqllm s':>9} {'faiss s':>9} {'faiss/sqllm':>12} {'obj sqllm/faiss':>16}")
+    for v, k, n in cases:
+        # Weight-like data: a heavy-tailed mixture (Student t), correlated coordinates.
+        X = rng.standard_t(5, size=(n, v)).astype(np.float32)
+        X[:, 1:] += 0.5 * X[:, :-1]
+        w = rng.uniform(0.1, 2.0, n).astype(np.float32)
+        t0 = time.perf_counter()
+        r = _C.vec_kmeans(X, w, k=k, iters=iters, tol=0.0, init="random", seed=0,
+                          num_threads=threads)
+        t_ours = time.perf_counter() - t0
+        km = faiss.Kmeans(v, k, niter=iters, seed=0, max_points_per_centroid=10**9,
+                          min_points_per_centroid=1, verbose=False)
+        t0 = time.perf_counter()
+        km.train(X, weights=w)
+        t_faiss = time.perf_counter() - t0
+        o_ours, o_faiss = objective(X, w, r["centroids"]), objective(X, w, km.centroids)
+        print(f"{v:>3} {k:>6} {n:>8} {t_ours:>9.3f} {t_faiss:>9.3f} {t_faiss / t_ours:>12.2f} "
+              f"{o_ours / o_faiss:>16.4f}")
+
+
+def random_vq_layer(out, inn, v, k, k_res):
+    layer = VQQuantLinear(inn, out, v, k, k_res, enable_perm=True, enable_norm=True, bias=False)
+    g = torch.Generator().manual_seed(0)
+    layer.indices.copy_(torch.randint(-2**31, 2**31 - 1, layer.indices.shape, generator=g,
+                                      dtype=torch.int64).to(torch.int32))
+    if layer.index_bits * layer.group_size % 32:
+        layer.indices[..., -1] &= (1 << (layer.index_bits * layer.group_size % 32)) - 1
+    layer.centroids.weight.copy_(torch.randn(layer.centroids.weight.shape, generator=g) * 0.05)
+    if layer.res_centroids is not None:
+        layer.res_centroids.weight.copy_(torch.randn(layer.res_centroids.weight.shape, generator=g) * 0.01)
+    layer.perm.copy_(torch.randperm(inn, generator=g).to(torch.int16))
+    layer.weight_scale.fill_(1.0)
+    layer.validate()
+    return layer
+
+
+def bench_kernel(threads, quick):
+    torch.set_num_threads(threads)
+    shapes = [(576, 1536), (2048, 2048), (4096, 4096)]
+    if quick:
+        shapes = shapes[:2]
+    configs = [(6, 4096, 0), (8, 65536, 256)]
+    print(f"\nVQ matmul, {threads} threads (medians; times in ms)")
+    print(f"{'out x in':>11} {'v/k/k_res':>14} {'batch':>5} {'gather':>8} {'deq+linear':>11} "
+          f"{'fp32 linear':>12} {'deq/gather':>11} {'fp32/gather':>12}")
+    for out, inn in shapes:
+        for v, k, kr in configs:
+            layer = random_vq_layer(out, inn, v, k, kr)
+            W = layer.dequantize()
+            for n in (1, 8):
+                x = torch.randn(n, inn)
+                layer(x)  # warm the caches (fp32 codebooks)
+                reps = 30 if out * inn < 2**22 else 10
+                with torch.no_grad():
+                    t_g = median_time(lambda: layer(x), reps)
+                    t_d = median_time(lambda: torch.nn.functional.linear(x, layer.dequantize()), reps)
+                    t_f = median_time(lambda: torch.nn.functional.linear(x, W), reps)
+                print(f"{out:>5}x{inn:<5} {f'{v}/{k}/{kr}':>14} {n:>5} {t_g * 1e3:>8.3f} "
+                      f"{t_d * 1e3:>11.3f} {t_f * 1e3:>12.3f} {t_d / t_g:>11.2f} {t_f / t_g:>12.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["kmeans", "kernel"])
+    a = ap.parse_args()
+    if a.only != "kernel":
+        bench_kmeans(a.threads, a.quick)
+    if a.only != "kmeans":
+        bench_kernel(a.threads, a.quick)
+
+
+if __name__ == "__main__":
+    main()
