@@ -11,6 +11,7 @@ F.linear, and fp32 F.linear on the dense weight, at batch 1 and 8.  Ratios
 only: on a shared machine absolute times are noisy (medians of repeats).
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.append("/tmp/f_faiss")  # a faiss-cpu installed with pip --target (after site-packages)
+sys.path.extend(p for p in os.environ.get("SQLLM_BENCH_EXTRA_PATH", "").split(":") if p)
 
 import sqllm  # noqa: E402
 from sqllm import _C  # noqa: E402

@@ -4,12 +4,13 @@
 // with a non-negative sample weight w_i, k centroids (k up to 65536 and more),
 // minimising J = sum_i w_i * ||x_i - c_{a(i)}||^2 by Lloyd iterations.
 //
-// Distances.  The inner dimension is tiny, so a GEMM (||c||^2 - 2 x.c) would
-// spend its time writing and re-reading an n x k distance matrix; instead a
-// register-blocked kernel (detail/kmeans_vec_kernel.hpp) keeps a tile of 4
-// points against 8 centroids in registers, accumulates (c - x)^2 directly
-// (no cancellation) and keeps a running arg-min per lane.  Nearest-centroid
-// assignment for quantization is the same kernel (vec_nearest).
+// Distances.  The inner dimension is tiny, so a GEMM would spend its time
+// writing and re-reading an n x k distance matrix; instead a register-blocked
+// kernel (detail/kmeans_vec_kernel.hpp) keeps a block of 4 (AVX-512: 8)
+// points against 8 (16) centroids in registers, accumulates ||c||^2 - 2 x.c
+// and keeps a running arg-min per lane.  Nearest-centroid assignment for
+// quantization is the same kernel (vec_nearest).  The objective is recomputed
+// exactly in double from the assignment.
 //
 // Determinism.  Assignment is per point; centroid sums visit each cluster's
 // points in index order (a counting sort by cluster, then one cluster per

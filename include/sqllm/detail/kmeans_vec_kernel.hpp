@@ -26,7 +26,7 @@
 
 #include "sqllm/error.hpp"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -37,8 +37,13 @@ constexpr float kVecMaxAbs = 1e12f;
 
 namespace detail {
 
-constexpr int kVecLanes = 8;
+#if defined(__AVX512F__)
+constexpr int kVecLanes = 16;  // one zmm register of centroids
+constexpr int kVecPoints = 8;  // 8 accumulators + 8 minima + 8 indices of 32 registers
+#else
+constexpr int kVecLanes = 8;   // one ymm register
 constexpr int kVecPoints = 4;
+#endif
 constexpr float kVecPad = 1e30f;
 
 inline void vec_tile_centroids(const float* C, std::size_t k, int v, std::vector<float>& tiles) {
@@ -65,7 +70,34 @@ inline void vec_nearest_block(const float (&x)[P][V], const float* tiles, std::s
                               std::int32_t* idx, float* dist) {
   float best[P][kVecLanes];
   std::int32_t bidx[P][kVecLanes];
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+  __m512 vbest[P], vacc[P];
+  __m512i vidx[P];
+  for (int p = 0; p < P; ++p) {
+    vbest[p] = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+    vidx[p] = _mm512_setzero_si512();
+  }
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (std::size_t t = 0; t < ntiles; ++t) {
+    const float* c = tiles + t * static_cast<std::size_t>(V + 1) * kVecLanes;
+    const __m512 nrm = _mm512_loadu_ps(c + V * kVecLanes);
+    for (int p = 0; p < P; ++p) vacc[p] = nrm;
+    for (int d = 0; d < V; ++d) {
+      const __m512 cd = _mm512_loadu_ps(c + d * kVecLanes);
+      for (int p = 0; p < P; ++p) vacc[p] = _mm512_fmadd_ps(cd, _mm512_set1_ps(x[p][d]), vacc[p]);
+    }
+    const __m512i id = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(t * kVecLanes)));
+    for (int p = 0; p < P; ++p) {
+      const __mmask16 lt = _mm512_cmp_ps_mask(vacc[p], vbest[p], _CMP_LT_OQ);
+      vbest[p] = _mm512_mask_mov_ps(vbest[p], lt, vacc[p]);
+      vidx[p] = _mm512_mask_mov_epi32(vidx[p], lt, id);
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    _mm512_storeu_ps(best[p], vbest[p]);
+    _mm512_storeu_si512(bidx[p], vidx[p]);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
   // The same arithmetic as the portable loop below (e = c - x; acc = fma(e, e, acc)),
   // with the 4 x 8 accumulators, minima and indices held in AVX registers.
   __m256 vbest[P], vacc[P];
