@@ -173,7 +173,7 @@ void init_cuda(py::module_& m) {
          std::uintptr_t tables, bool column_grouping, std::uintptr_t csr_row_ptr,
          std::uintptr_t csr_col_idx, std::uintptr_t csr_values, std::int64_t nnz,
          const std::string& dtype, const std::string& precision, int mul_exp, int mul_man,
-         int acc_exp, int acc_man, bool exact, std::uintptr_t stream) {
+         int acc_exp, int acc_man, bool exact, std::uintptr_t stream, const std::string& kernel) {
         cuda::LutMatmulArgs a;
         a.x = ptr<const void>(x);
         a.y = ptr<void>(y);
@@ -191,7 +191,17 @@ void init_cuda(py::module_& m) {
         a.nnz = nnz;
         a.dtype = parse_dtype(dtype);
         a.precision = parse_precision(precision, mul_exp, mul_man, acc_exp, acc_man);
-        a.kernel = exact ? cuda::Kernel::Exact : cuda::Kernel::Auto;
+        if (exact) {
+          a.kernel = cuda::Kernel::Exact;
+        } else if (kernel == "auto") {
+          a.kernel = cuda::Kernel::Auto;
+        } else if (kernel == "tiled") {
+          a.kernel = cuda::Kernel::Tiled;
+        } else if (kernel == "warp") {
+          a.kernel = cuda::Kernel::Warp;
+        } else {
+          throw Error("kernel must be 'auto', 'tiled' or 'warp', got '" + kernel + "'");
+        }
         a.stream = ptr<void>(stream);
         py::gil_scoped_release release;
         cuda::lut_matmul(a);
@@ -201,9 +211,10 @@ void init_cuda(py::module_& m) {
       py::arg("tables"), py::arg("column_grouping"), py::arg("csr_row_ptr"),
       py::arg("csr_col_idx"), py::arg("csr_values"), py::arg("nnz"), py::arg("dtype"),
       py::arg("precision"), py::arg("mul_exp"), py::arg("mul_man"), py::arg("acc_exp"),
-      py::arg("acc_man"), py::arg("exact"), py::arg("stream"),
+      py::arg("acc_man"), py::arg("exact"), py::arg("stream"), py::arg("kernel") = "auto",
       "Launch y = x W^T (+ CSR part) on `stream`; integer device pointers (0 = none for "
-      "the CSR arrays).  exact=False with precision='fp32' uses the fast kernel.");
+      "the CSR arrays).  exact=False with precision='fp32' uses a fast kernel: kernel="
+      "'auto' (the warp kernel where it applies, else the tiled one), 'tiled' or 'warp'.");
   m.def(
       "cuda_dequantize",
       [](std::uintptr_t codes, std::uintptr_t tables, std::int64_t in_features,

@@ -2,6 +2,13 @@
 // own bind_*.cpp; this file only creates the module and maps sqllm::Error.
 #include <pybind11/pybind11.h>
 
+// <iostream> for its side effect: with GCC >= 13 it makes the link pull in
+// libstdc++'s stream initialisation.  A toolchain that links libstdc++
+// statically into this module (seen: the custom g++ 13.3 of a CUDA image)
+// otherwise leaves std::locale uninitialised, and the first std::ostream
+// insert -- building any sqllm::Error message -- crashes the process.
+#include <iostream>
+
 #include "bindings.hpp"
 #include "sqllm/error.hpp"
 

@@ -84,7 +84,7 @@ do_sanitize() {
   (cd "$ROOT/tests" && PYTHONPATH="$ROOT/python" PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 900 \
     compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -c "$ROOT/pyproject.toml" \
     -p no:cacheprovider python/test_cuda.py \
-    -k "(test_fast_vs_float64 and shape0 and True) or test_noncontiguous or (test_dequantize and row) or (test_exact_bitwise and fp16 and 17)" \
+    -k "(test_fast_vs_float64 and shape0 and True and auto) or (test_fast_vs_float64 and shape1 and True and (warp or tiled)) or test_noncontiguous or (test_dequantize and row) or (test_exact_bitwise and fp16 and 17)" \
     2>&1 | tee "$LOGDIR/sanitize.log")
 }
 

@@ -44,6 +44,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "sqllm/dispatch.hpp"
@@ -80,6 +81,7 @@ struct Act;
 template <>
 struct Act<__half> {
   static __device__ __forceinline__ float load(const __half* p) { return __half2float(__ldg(p)); }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_float(float f) { return __float2half_rn(f); }
 };
 template <>
@@ -87,6 +89,7 @@ struct Act<__nv_bfloat16> {
   static __device__ __forceinline__ float load(const __nv_bfloat16* p) {
     return __bfloat162float(__ldg(p));
   }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float f) {
     return __float2bfloat16_rn(f);
   }
@@ -94,6 +97,7 @@ struct Act<__nv_bfloat16> {
 template <>
 struct Act<float> {
   static __device__ __forceinline__ float load(const float* p) { return __ldg(p); }
+  static __device__ __forceinline__ float to_float(float v) { return v; }
   static __device__ __forceinline__ float from_float(float f) { return f; }
 };
 
@@ -374,6 +378,186 @@ __global__ void __launch_bounds__(fast_warps(NB) * 32)
   }
 }
 
+// ---------------------------------------------------------------------------
+// Warp kernel: the fast GEMV for row grouping when in % 32 == 0 and x rows
+// are 16-byte aligned (every LLM layer).  Profiling the tiled kernel above on
+// an H200 showed it bound by instruction issue, about 10 instructions per
+// code (shared-memory staging of x, table addresses relative to a per-warp
+// base), not by DRAM.  Here a block is one warp owning WR rows:
+//   * the rows' tables sit at the start of dynamic shared memory, so a
+//     table read is one LDS at a constant offset from the code;
+//   * x is not staged: lane l reads the 32 columns of its chunk straight
+//     from global memory with 16-byte loads (all warps of an SM read the same
+//     x, so these hit L1), converts them once and uses them for all WR rows;
+//   * the chunk order, the per-lane FMA chain, the CSR walk and the butterfly
+//     are those of the tiled kernel, so both have the same error bound.
+// Batch rows: tiles of WNB <= 8 (the host launches ceil(batch / 8) times).
+// ---------------------------------------------------------------------------
+__host__ __device__ constexpr int warp_rows(int nb) { return nb <= 4 ? 2 : 1; }
+constexpr int kWarpMaxBatch = 8;
+
+/// 16-byte vector of activations converted to float.
+template <class T>
+__device__ __forceinline__ void load_vec16(const T* p, float (&v)[16 / sizeof(T)]) {
+  constexpr int N = 16 / sizeof(T);
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  T t[N];
+  static_assert(sizeof(t) == sizeof(raw), "16-byte vector");
+  memcpy(t, &raw, sizeof(raw));
+#pragma unroll
+  for (int k = 0; k < N; ++k) v[k] = Act<T>::to_float(t[k]);
+}
+
+template <int BITS, class T, int NB>
+__global__ void __launch_bounds__(32) lut_gemv_warp_kernel(const FastParams p) {
+  constexpr int R = warp_rows(NB);
+  constexpr int K = 1 << BITS;
+  constexpr int VN = 16 / static_cast<int>(sizeof(T));  // x values per 16-byte load
+
+  SQLLM_DYNAMIC_SHARED(float4, warp_smem);
+  float* lut = reinterpret_cast<float*>(warp_smem);  // R * K floats
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const int lane = static_cast<int>(threadIdx.x);
+  const int row0 = static_cast<int>(blockIdx.x) * R;
+
+  for (int t = lane; t < R * K; t += 32) {
+    const int o = min(row0 + t / K, p.out - 1);
+    lut[t] = __ldg(p.tables + static_cast<std::int64_t>(o) * K + (t % K));
+  }
+  __syncthreads();
+
+  // Pointers advance by one step (32 chunks) per iteration: no 64-bit index
+  // arithmetic per load.  cp[r] points at this lane's current chunk of row r.
+  const int nchunks = p.in >> 5;  // in % 32 == 0
+  const std::uint32_t* cp[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    cp[r] = p.codes + static_cast<std::int64_t>(min(row0 + r, p.out - 1)) * p.words + lane * BITS;
+  }
+  const T* xp = x + 32 * lane;
+  auto load_chunk = [&](std::uint32_t (&w)[R][BITS], bool valid, int ahead) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int k = 0; k < BITS; ++k) w[r][k] = valid ? __ldg(cp[r] + ahead + k) : 0u;
+    }
+  };
+
+  float acc[R][NB];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
+  }
+  std::uint32_t wc[R][BITS];
+  load_chunk(wc, lane < nchunks, 0);
+  for (int c = lane; c < nchunks; c += 32) {
+    std::uint32_t wn[R][BITS];
+    load_chunk(wn, c + 32 < nchunks, 32 * BITS);  // prefetch the next chunk of this lane
+#pragma unroll
+    for (int q = 0; q < 32 / VN; ++q) {
+      float xv[NB][VN];
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        if (b < p.batch) {
+          load_vec16<T>(xp + b * p.x_stride + VN * q, xv[b]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VN; ++k) xv[b][k] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < VN; ++jj) {
+        const int j = q * VN + jj;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float w = lut[r * K + static_cast<int>(extract_code<BITS>(wc[r], j))];
+#pragma unroll
+          for (int b = 0; b < NB; ++b) acc[r][b] = fmaf(w, xv[b][jj], acc[r][b]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      cp[r] += 32 * BITS;
+#pragma unroll
+      for (int k = 0; k < BITS; ++k) wc[r][k] = wn[r][k];
+    }
+    xp += 32 * 32;
+  }
+
+  if (p.row_ptr != nullptr) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int o = row0 + r;
+      if (o < p.out) {
+        const std::int64_t k0 = __ldg(p.row_ptr + o);
+        std::int64_t k1 = __ldg(p.row_ptr + o + 1);
+        if (k1 > p.nnz) k1 = p.nnz;
+        for (std::int64_t k = k0 + lane; k < k1; k += 32) {
+          const int col = __ldg(p.col_idx + k);
+          if (col >= 0 && col < p.in) {
+            const float v = __half2float(__ldg(p.values + k));
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+              if (b < p.batch) acc[r][b] = fmaf(v, Act<T>::load(x + b * p.x_stride + col), acc[r][b]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float v = acc[r][b];
+#pragma unroll
+      for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+      const int o = row0 + r;
+      if (lane == ((r * NB + b) & 31) && o < p.out && b < p.batch) {
+        static_cast<T*>(p.y)[b * p.y_stride + o] = Act<T>::from_float(v);
+      }
+    }
+  }
+}
+
+template <int BITS, class T, int NB>
+cudaError_t launch_warp(const FastParams& p, cudaStream_t stream) {
+  constexpr int R = warp_rows(NB);
+  auto kernel = lut_gemv_warp_kernel<BITS, T, NB>;
+  const unsigned grid = static_cast<unsigned>((p.out + R - 1) / R);
+  SQLLM_KERNEL_LAUNCH(kernel, grid, 32, static_cast<std::size_t>(R) * (1 << BITS) * sizeof(float), stream, p);
+  return cudaGetLastError();
+}
+
+template <int BITS, class T>
+cudaError_t launch_warp_tile(const FastParams& p, int nb, cudaStream_t stream) {
+  switch (nb) {
+    case 1:
+      return launch_warp<BITS, T, 1>(p, stream);
+    case 2:
+      return launch_warp<BITS, T, 2>(p, stream);
+    case 4:
+      return launch_warp<BITS, T, 4>(p, stream);
+    case 8:
+      return launch_warp<BITS, T, 8>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+/// Per-width entry point of the warp kernel (instantiated in lut_fast_b<BITS>.cu).
+template <int BITS>
+cudaError_t launch_warp_bits(const FastParams& p, DType dtype, int nb, cudaStream_t stream);
+template <>
+cudaError_t launch_warp_bits<2>(const FastParams&, DType, int, cudaStream_t);
+template <>
+cudaError_t launch_warp_bits<3>(const FastParams&, DType, int, cudaStream_t);
+template <>
+cudaError_t launch_warp_bits<4>(const FastParams&, DType, int, cudaStream_t);
+
 /// Launch one fast-kernel instantiation (smem from fast_smem_bytes).
 template <int BITS, class T, bool COL, int NB>
 cudaError_t launch_fast(const FastParams& p, std::size_t smem, cudaStream_t stream) {
@@ -447,6 +631,18 @@ cudaError_t launch_fast_grouping(const FastParams& p, bool col, int nb, std::siz
 }
 
 #define SQLLM_DEFINE_LAUNCH_FAST_BITS(BITS)                                                       \
+  template <>                                                                                     \
+  cudaError_t launch_warp_bits<BITS>(const FastParams& p, DType dtype, int nb, cudaStream_t stream) { \
+    switch (dtype) {                                                                              \
+      case DType::F16:                                                                            \
+        return launch_warp_tile<BITS, __half>(p, nb, stream);                                     \
+      case DType::BF16:                                                                           \
+        return launch_warp_tile<BITS, __nv_bfloat16>(p, nb, stream);                              \
+      case DType::F32:                                                                            \
+        return launch_warp_tile<BITS, float>(p, nb, stream);                                      \
+    }                                                                                             \
+    return cudaErrorInvalidValue;                                                                 \
+  }                                                                                               \
   template <>                                                                                     \
   cudaError_t launch_fast_bits<BITS>(const FastParams& p, DType dtype, bool col, int nb,          \
                                      std::size_t smem, cudaStream_t stream) {                     \

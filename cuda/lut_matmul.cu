@@ -111,8 +111,9 @@ void validate(const LutMatmulArgs& a) {
               " is smaller than in (", ctx, ")");
   SQLLM_CHECK(a.dtype == DType::F16 || a.dtype == DType::BF16 || a.dtype == DType::F32,
               "lut_matmul: unknown dtype ", static_cast<int>(a.dtype));
-  SQLLM_CHECK(a.kernel == Kernel::Auto || a.kernel == Kernel::Exact, "lut_matmul: unknown kernel ",
-              static_cast<int>(a.kernel));
+  SQLLM_CHECK(a.kernel == Kernel::Auto || a.kernel == Kernel::Exact || a.kernel == Kernel::Tiled ||
+                  a.kernel == Kernel::Warp,
+              "lut_matmul: unknown kernel ", static_cast<int>(a.kernel));
   SQLLM_CHECK(a.codes != nullptr && a.tables != nullptr,
               "lut_matmul: codes and tables must be device pointers, got null (", ctx, ")");
   SQLLM_CHECK(a.batch == 0 || (a.x != nullptr && a.y != nullptr),
@@ -212,15 +213,69 @@ bool try_launch_fast(const LutMatmulArgs& a, const Describe& ctx) {
   return true;
 }
 
+/// Launch the warp kernel for all batch rows (tiles of <= 8).
+void launch_warp_all(const LutMatmulArgs& a, const Describe& ctx) {
+  const std::int64_t x_stride = a.x_stride == 0 ? a.in : a.x_stride;
+  const std::size_t esize = dtype_size(a.dtype);
+  for (std::int64_t b0 = 0; b0 < a.batch; b0 += detail::kWarpMaxBatch) {
+    const std::int64_t rows = std::min<std::int64_t>(detail::kWarpMaxBatch, a.batch - b0);
+    const int nb = batch_tile(rows);
+    detail::FastParams p{};
+    p.x = static_cast<const char*>(a.x) + static_cast<std::size_t>(b0 * x_stride) * esize;
+    p.y = static_cast<char*>(a.y) + static_cast<std::size_t>(b0 * a.out) * esize;
+    p.x_stride = x_stride;
+    p.y_stride = a.out;
+    p.batch = static_cast<int>(rows);
+    p.in = static_cast<int>(a.in);
+    p.out = static_cast<int>(a.out);
+    p.words = static_cast<int>(packed_words(a.in, a.bits));
+    p.codes = a.codes;
+    p.tables = a.tables;
+    p.row_ptr = a.csr_row_ptr;
+    p.col_idx = a.csr_col_idx;
+    p.values = static_cast<const __half*>(a.csr_values);
+    p.nnz = a.csr_row_ptr != nullptr ? a.nnz : 0;
+    const auto stream = static_cast<cudaStream_t>(a.stream);
+    cudaError_t err = cudaSuccess;
+    SQLLM_DISPATCH_FAST_BITS(a.bits, BITS, { err = detail::launch_warp_bits<BITS>(p, a.dtype, nb, stream); });
+    check_cuda(err, "warp LUT GEMV launch", ctx);
+  }
+}
+
 }  // namespace
+
+bool warp_kernel_applies(const LutMatmulArgs& a) {
+  if (a.column_grouping || a.bits < 2 || a.bits > 4 || a.precision.mode != Precision::FP32) return false;
+  if (a.in < 32 || a.in % 32 != 0) return false;
+  if (reinterpret_cast<std::uintptr_t>(a.x) % 16 != 0) return false;
+  const std::int64_t x_stride = a.x_stride == 0 ? a.in : a.x_stride;
+  return a.batch <= 1 || (static_cast<std::size_t>(x_stride) * dtype_size(a.dtype)) % 16 == 0;
+}
 
 void lut_matmul(const LutMatmulArgs& a) {
   validate(a);
   if (a.batch == 0) return;
   const Describe ctx{a};
-  const bool fast =
-      a.kernel == Kernel::Auto && a.precision.mode == Precision::FP32 && a.bits >= 2 && a.bits <= 4;
-  if (fast && try_launch_fast(a, ctx)) return;
+  const bool fast_ok = a.precision.mode == Precision::FP32 && a.bits >= 2 && a.bits <= 4;
+  if (a.kernel == Kernel::Tiled || a.kernel == Kernel::Warp) {
+    SQLLM_CHECK(fast_ok, "lut_matmul: the ", a.kernel == Kernel::Tiled ? "tiled" : "warp",
+                " kernel needs precision fp32 and bits 2..4 (", ctx, ")");
+    if (a.kernel == Kernel::Warp) {
+      SQLLM_CHECK(warp_kernel_applies(a),
+                  "lut_matmul: the warp kernel needs row grouping, in a multiple of 32 and 16-byte "
+                  "aligned x rows (",
+                  ctx, ")");
+      launch_warp_all(a, ctx);
+    } else {
+      SQLLM_CHECK(try_launch_fast(a, ctx), "lut_matmul: the tiled kernel's shared memory does not fit "
+                                           "this device (", ctx, ")");
+    }
+    return;
+  }
+  if (a.kernel == Kernel::Auto && fast_ok) {
+    if (a.batch <= kWarpAutoMaxBatch && warp_kernel_applies(a)) return launch_warp_all(a, ctx);
+    if (try_launch_fast(a, ctx)) return;
+  }
   launch_exact(a, ctx);
 }
 

@@ -33,7 +33,17 @@ enum class DType : int { F16 = 0, BF16 = 1, F32 = 2 };
 ///            order; its error is that of an fp32 dot product.
 ///   Exact -- the reproducible kernel: bit for bit the CPU reference
 ///            sqllm::reference::lut_matmul_precision in every precision mode.
-enum class Kernel : int { Auto = 0, Exact = 1 };
+///   Tiled, Warp -- force one of the two fast kernels (precision FP32, bits
+///            2..4; benchmarks and tests).  Tiled: x staged per block in
+///            shared memory, any shape, both groupings.  Warp: one warp per
+///            block and per pair of rows, x read straight from global memory;
+///            row grouping, in % 32 == 0 and 16-byte aligned x rows only
+///            (warp_kernel_applies).  Auto takes Warp where it applies and
+///            batch <= kWarpAutoMaxBatch, else Tiled (measured on an H200:
+///            Warp is 1.3-1.6x faster than Tiled at batch 1-4 and slower at
+///            8-16, docs/benchmarks.md).  Both sum in the same order (the
+///            same error bound).
+enum class Kernel : int { Auto = 0, Exact = 1, Tiled = 2, Warp = 3 };
 
 struct LutMatmulArgs {
   const void* x = nullptr;  ///< [batch, in], dtype, row stride x_stride
@@ -89,6 +99,14 @@ int device_count();
 
 /// Largest batch the fast kernel handles in one launch.
 constexpr int kFastMaxBatch = 16;
+
+/// Whether the Warp fast kernel can run this problem (see Kernel): row
+/// grouping, bits 2..4, precision FP32, in a multiple of 32, x and its row
+/// stride 16-byte aligned.
+bool warp_kernel_applies(const LutMatmulArgs& args);
+
+/// Largest batch for which Kernel::Auto prefers the warp kernel.
+constexpr int kWarpAutoMaxBatch = 4;
 
 }  // namespace cuda
 }  // namespace sqllm

@@ -18,24 +18,32 @@ from typing import Tuple
 import numpy as np
 
 from . import _C
-from .api import FORMAT_VERSION, quantize, size_report
+from ._version import __version__
+from .api import quantize, size_report
+from .calib import open_on_meta
 from .calibration import find_linear_layers, fisher_diagonal
+from .config import (FORMAT_VERSION, CalibrationConfig, LayerFormat, QuantizationConfig,
+                     QuantizationConfigError, method_options)
+from ._hf_hook import install_transformers_integration
 from .io import load_quantized, read_quantization_config, save_quantized
 from .methods import METHODS, QuantMethod, get_method, register_method
 from .nn import FORMATS, QuantLinear, QuantLinearBase, register_format
 from .nn_uniform import UniformQuantLinear
 from .gptq import GptqResult, gptq_quantize
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "CalibrationConfig",
     "FORMATS",
     "FORMAT_VERSION",
     "GptqResult",
+    "LayerFormat",
     "METHODS",
     "QuantLinear",
     "QuantLinearBase",
     "QuantMethod",
+    "QuantizationConfig",
+    "QuantizationConfigError",
+    "__version__",
     "find_linear_layers",
     "fisher_diagonal",
     "get_method",
@@ -43,6 +51,8 @@ __all__ = [
     "has_cuda",
     "kmeans1d",
     "load_quantized",
+    "method_options",
+    "open_on_meta",
     "quantize",
     "read_quantization_config",
     "register_format",
@@ -53,6 +63,11 @@ __all__ = [
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# transformers.AutoModelForCausalLM.from_pretrained(<sqllm folder>) works after
+# `import sqllm`: the quantizer is registered now if transformers' quantizers are
+# loaded, else the moment they are (importing them here would cost seconds).
+install_transformers_integration()
 
 
 def has_cuda() -> bool:

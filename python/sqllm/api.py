@@ -1,8 +1,10 @@
 """``sqllm.quantize``: quantize every decoder Linear of a model in place."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Dict, Iterable, Optional, Union
 
@@ -11,15 +13,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import find_linear_layers
+from .config import FORMAT_VERSION, CalibrationConfig, QuantizationConfig
 from .methods import get_method
 from .nn import QuantLinearBase
 
 __all__ = ["quantize", "FORMAT_VERSION", "size_report", "set_module"]
 
 log = logging.getLogger(__name__)
-
-#: Version of sqllm's checkpoint layout (docs/formats.md).
-FORMAT_VERSION = 1
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -54,7 +54,12 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
              kmeans: str = "exact", tokenizer: Any = None, seed: int = 0,
              exclude: Iterable[str] = ("lm_head",),
              sensitivity: Optional[Dict[str, torch.Tensor]] = None, progress: bool = True,
-             **options: Any) -> nn.Module:
+             method_options: Optional[Dict[str, Any]] = None,
+             stream: Optional[bool] = None, fp_inputs: bool = False,
+             stats_dir: Union[str, "os.PathLike[str]", None] = None,
+             out: Union[str, "os.PathLike[str]", None] = None,
+             checkpoint: Any = None, device: Union[str, torch.device, None] = None,
+             sequential_groups: bool = False, **options: Any) -> nn.Module:
     """Quantize the Linear layers of ``model`` in place and return it.
 
     Every ``nn.Linear`` is found generically (no per-architecture lists); the
@@ -63,7 +68,8 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     Parameters
     ----------
     model : nn.Module
-        A transformers causal LM (or any module whose Linears should be quantized).
+        A transformers causal LM (or any module whose Linears should be quantized),
+        in memory or opened on the meta device with :func:`sqllm.open_on_meta`.
     method : str
         A registered method (``sqllm.METHODS``): "squeezellm" (default), "rtn" or
         "gptq" (the last two on the ``uniform`` format; options ``group_size``,
@@ -74,6 +80,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     calibration : LongTensor [nsamples, seqlen] | str | None
         Token windows, or a text source for :func:`sqllm.data.load_text`
         ("austen:emma", "mobydick", a path, "wikitext2", ...) with ``tokenizer``.
+        Only read when the method needs statistics.
     nsamples, seqlen, seed :
         How many windows of how many tokens to draw from a text source.
     group_axis : {"row", "column"}
@@ -84,6 +91,38 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         Precomputed Fisher diagonals (skips the gradient pass).
     progress : bool
         tqdm bars; ``False`` is quiet.
+    method_options : dict, optional
+        The method's options as a dict (what the CLI passes; needed for an
+        option named like a parameter of this function, e.g. ``seed``).
+    stream : bool, optional
+        Quantize decoder block by decoder block (:mod:`sqllm.calib.streamer`).
+        Default: stream when the model is on the meta device, the method needs
+        per-block statistics (Hessian, activation statistics) or ``stats_dir``
+        is given.  The result equals the in-memory path's for methods that need
+        no per-block statistics.
+    fp_inputs : bool
+        Streaming: feed each block the full-precision outputs of the previous one
+        instead of the quantized block's (default False, "true sequential").
+    stats_dir : path, optional
+        Streaming: calibration statistics are saved here per layer and reused by
+        later runs on the same model and calibration data (a mismatch raises
+        ValueError).
+    out : path, optional
+        Save the quantized model there (as :func:`sqllm.save_quantized`, with
+        ``tokenizer``).  For a model on the meta device each block is written as
+        soon as it is quantized and freed, and the returned model keeps only its
+        skeleton (parameters on meta) and config.
+    checkpoint : path or SafetensorsCheckpoint, optional
+        Where the weights of a meta-device model are (default: the folder it was
+        opened from by :func:`sqllm.open_on_meta`).
+    device : str or torch.device, optional
+        Streaming: where each block is worked on (e.g. "cuda" for a model on the
+        CPU or on meta); finished blocks return to the model's device.
+    sequential_groups : bool
+        Streaming: quantize each block's Linears group by group (Linears fed the
+        same input together: q/k/v, o, gate/up, down), each group's statistics
+        taken with the earlier groups already quantized (GPTQ's true sequential
+        inside a block); one group's statistics in memory at a time.
     **options :
         Further fields of the method's dataclass (e.g. ``sensitive_fraction``).
     """
@@ -98,10 +137,30 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
             given[key] = val
         elif val != default:
             raise ValueError(f"method {method!r} has no option {key!r}")
+    if method_options:
+        given.update(method_options)
     unknown = set(given) - fields
     if unknown:
         raise ValueError(f"method {method!r} has no option(s) {sorted(unknown)}")
     qm = cls(**given)
+
+    from .calib.checkpoint import SafetensorsCheckpoint, is_meta_model
+    from .calib.collectors import get_collector
+    from .calib.streamer import _overrides_block, stream_quantize
+
+    meta = is_meta_model(model)
+    required = tuple(qm.required_stats())
+    block_stats = any(get_collector(s).scope == "block" for s in required) or _overrides_block(qm)
+    if stream is None:
+        stream = meta or block_stats or stats_dir is not None
+    if not stream and meta:
+        raise ValueError("a model on the meta device can only be quantized with stream=True")
+    if not stream and device is not None:
+        raise ValueError("device= applies to streaming (stream=True)")
+    if not stream and block_stats:
+        raise ValueError(f"method {method!r} needs per-block statistics and must stream")
+    if checkpoint is not None and not isinstance(checkpoint, SafetensorsCheckpoint):
+        checkpoint = SafetensorsCheckpoint(checkpoint, getattr(model, "base_model_prefix", "") or "")
 
     layers = find_linear_layers(model, exclude=exclude)
     if not layers:
@@ -113,41 +172,57 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         if missing:
             raise ValueError(f"sensitivity lacks layers {missing[:3]}{'...' if len(missing) > 3 else ''}")
         stats["fisher"] = dict(sensitivity)
-    elif qm.needs_calibration:
-        batches = _calibration_batches(calibration, tokenizer, nsamples, seqlen, seed)
-        stats = qm.collect(model, layers, batches, progress)
-    t_stats = time.perf_counter() - t0
+    needs_data = (bool(set(required) - set(stats)) or _overrides_block(qm)
+                  or (not stream and qm.needs_calibration and not stats))
+    batches = (_calibration_batches(calibration, tokenizer, nsamples, seqlen, seed)
+               if needs_data else None)
 
-    layer_cfgs: Dict[str, Dict[str, Any]] = {}
-    for name, lin in tqdm(list(layers.items()), desc=f"{method} {bits}-bit", unit="layer",
-                          disable=not progress):
-        q = qm.quantize_layer(name, lin, stats)
-        q.to(lin.weight.device)
-        set_module(model, name, q)
-        layer_cfgs[name] = q.layer_config()
+    writer = None
+    if stream:
+        if out is not None and meta:
+            from .io import ShardWriter
+
+            writer = ShardWriter(out)
+        with writer if writer is not None else contextlib.nullcontext():
+            layer_cfgs = stream_quantize(model, qm, batches, exclude=exclude,
+                                         checkpoint=checkpoint, writer=writer,
+                                         fp_inputs=fp_inputs, stats_dir=stats_dir,
+                                         progress=progress, device=device,
+                                         sequential_groups=sequential_groups,
+                                         precomputed=stats or None)
+        t_stats = 0.0
+    else:
+        if not stats and qm.needs_calibration:
+            stats = qm.collect(model, layers, batches, progress)
+        t_stats = time.perf_counter() - t0
+        layer_cfgs = {}
+        for name, lin in tqdm(list(layers.items()), desc=f"{method} {bits}-bit", unit="layer",
+                              disable=not progress):
+            q = qm.quantize_layer(name, lin, stats)
+            q.to(lin.weight.device)
+            set_module(model, name, q)
+            layer_cfgs[name] = q.layer_config()
     t_total = time.perf_counter() - t0
 
-    qcfg = {
-        "quant_method": "sqllm",
-        "format_version": FORMAT_VERSION,
-        **qm.config(),
-        "modules_to_not_convert": sorted(set(exclude)),
-        "layers": layer_cfgs,
-        "calibration": {
-            "source": calibration if isinstance(calibration, str) else
-            ("tensor" if calibration is not None else None),
-            "nsamples": nsamples if isinstance(calibration, str) else
-            (int(calibration.shape[0]) if isinstance(calibration, torch.Tensor) else None),
-            "seqlen": seqlen if isinstance(calibration, str) else
-            (int(calibration.shape[1]) if isinstance(calibration, torch.Tensor) else None),
-            "seed": seed,
-            "precomputed_sensitivity": sensitivity is not None,
-        },
-    }
+    used = calibration if (qm.needs_calibration or needs_data) and sensitivity is None else None
+    calib = CalibrationConfig.describe(
+        used, nsamples, seqlen, seed, stats_dir=stats_dir if stream else None,
+        precomputed_sensitivity=sensitivity is not None,
+        block_inputs=("full-precision" if fp_inputs else "quantized") if stream and block_stats
+        else None,
+        sequential_groups=bool(sequential_groups) if stream and block_stats else False)
+    qcfg = QuantizationConfig.for_method(qm, calib, modules_to_not_convert=exclude,
+                                         layers=layer_cfgs).to_dict()
     if hasattr(model, "config"):
         model.config.quantization_config = qcfg
-    log.info("quantized %d layers with %s in %.1f s (statistics %.1f s)", len(layers), method,
-             t_total, t_stats)
+    if writer is not None:
+        writer.finish(model, tokenizer)
+    elif out is not None:
+        from .io import save_quantized
+
+        save_quantized(model, out, tokenizer=tokenizer)
+    log.info("quantized %d layers with %s in %.1f s%s", len(layer_cfgs), method, t_total,
+             " (streamed)" if stream else f" (statistics {t_stats:.1f} s)")
     return model
 
 

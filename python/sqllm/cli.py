@@ -7,9 +7,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from .methods import METHODS
 
 __all__ = ["main"]
+
+DEFAULT_METHOD = "squeezellm"
 
 log = logging.getLogger("sqllm.cli")
 
@@ -50,7 +54,61 @@ def _perplexity(model: Any, tok: Any, args: argparse.Namespace) -> Any:
                       progress=not args.quiet)
 
 
-def _parser() -> argparse.ArgumentParser:
+#: Prefix of the argparse destinations of method options (kept apart from the others).
+_OPT = "method_option__"
+
+
+def _add_method_options(p: argparse.ArgumentParser, method: str) -> None:
+    """One flag per option of ``method`` (its dataclass fields, ``sqllm.method_options``)."""
+    from .config import method_options
+
+    cls = METHODS[method]
+    summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    others = ", ".join(m for m in sorted(METHODS) if m != method)
+    g = p.add_argument_group(
+        f"options of --method {method}",
+        f"{summary} (other methods: {others or 'none'}; `sqllm quantize --method NAME --help` "
+        "lists a method's options)")
+    taken = set(p._option_string_actions)
+    for spec in method_options(cls):
+        flag = spec.flag
+        if flag in taken:  # an option named like a general flag (e.g. --seed)
+            flag = f"--{method}-{spec.name.replace('_', '-')}"
+        text = spec.help.replace("%", "%%")
+        default = (" ".join(map(str, spec.default)) if isinstance(spec.default, (list, tuple))
+                   else f"{spec.default:.4g}" if isinstance(spec.default, float) else spec.default)
+        kw: Dict[str, Any] = dict(dest=_OPT + spec.name, default=argparse.SUPPRESS,
+                                  help=f"{text} (default: {default})".strip())
+        if spec.type is bool and not spec.multiple:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = spec.type
+            kw["metavar"] = spec.type.__name__.upper()
+            if spec.choices is not None:
+                kw["choices"] = spec.choices
+                kw.pop("metavar")
+            if spec.multiple:
+                kw["nargs"] = "+"
+        g.add_argument(flag, **kw)
+
+
+def _method_args(args: argparse.Namespace) -> Dict[str, Any]:
+    return {k[len(_OPT):]: v for k, v in vars(args).items() if k.startswith(_OPT)}
+
+
+def _peek_method(argv: Sequence[str]) -> Optional[str]:
+    """The value of ``--method`` in a ``quantize`` command line (before parsing it)."""
+    if not argv or argv[0] != "quantize":
+        return None
+    for i, a in enumerate(argv):
+        if a == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _parser(method: Optional[str] = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sqllm", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -59,22 +117,30 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=None,
                    help="local HF folder, .gguf file, or omit for the embedded SmolLM2-135M")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--method", default="squeezellm", help="squeezellm | rtn | gptq")
-    q.add_argument("--bits", type=int, default=3)
-    q.add_argument("--group-axis", default="row", choices=["row", "column"])
-    q.add_argument("--kmeans", default="exact", choices=["exact", "lloyd"])
-    q.add_argument("--sparsity", type=float, default=0.0,
-                   help="Dense-and-Sparse fraction kept in fp16 (e.g. 0.0045)")
-    q.add_argument("--group-size", type=int, default=None,
-                   help="rtn/gptq: input columns per grid (-1, 32, 64, 128)")
-    q.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing H_ii")
+    q.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
+                   help="quantization method (default: %(default)s); its options follow")
     q.add_argument("--calib-text", default="austen:emma", help="calibration text source")
     q.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     q.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--eval", action="store_true", help="also report perplexity before/after")
+    q.add_argument("--stats-dir", default=None,
+                   help="save calibration statistics here per layer and reuse them on later runs "
+                        "with the same model and calibration data")
+    q.add_argument("--fp-inputs", action="store_true",
+                   help="streaming: feed each block the full-precision outputs of the previous "
+                        "block (default: the quantized block's, 'true sequential')")
+    q.add_argument("--sequential-groups", action="store_true",
+                   help="streaming: quantize each block's Linears group by group (q/k/v, o, "
+                        "gate/up, down), later groups' statistics taken with earlier ones quantized")
+    q.add_argument("--device", default=None,
+                   help="streaming: where each block is worked on (e.g. cuda; default cpu)")
+    q.add_argument("--no-stream", action="store_true",
+                   help="load the whole model into memory instead of streaming it block by block "
+                        "from its safetensors files (the default for a model folder)")
     _add_eval_args(q, 16384)
     _add_common(q)
+    _add_method_options(q, method if method in METHODS else DEFAULT_METHOD)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text")
     e.add_argument("--model", default=None, help="sqllm folder, HF folder, .gguf, or the default")
@@ -106,24 +172,86 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _streamable(model: Optional[str]) -> bool:
+    """A transformers folder with safetensors weights (not a saved sqllm folder)."""
+    if model is None:
+        return False
+    d = Path(model)
+    if not (d / "config.json").is_file():
+        return False
+    if not ((d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()):
+        return False
+    cfg = json.loads((d / "config.json").read_text())
+    return cfg.get("quantization_config", {}).get("quant_method") != "sqllm"
+
+
+def _folder_tokenizer(model_dir: str) -> Any:
+    """The folder's tokenizer, or None when it has none."""
+    d = Path(model_dir)
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                            "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def _safetensors_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _cmd_quantize_streamed(args: argparse.Namespace) -> int:
+    from . import quantize
+    from .calib import open_on_meta
+    from .io import load_quantized
+
+    tok = _folder_tokenizer(args.model)
+    if args.eval:
+        from .models import load_model
+
+        if tok is None:
+            raise ValueError(f"--eval needs a tokenizer, and {args.model} has none")
+        fp, _ = load_model(args.model)
+        r = _perplexity(fp, tok, args)
+        print(f"fp perplexity: {r.ppl:.3f} ({r.n_tokens_evaluated} tokens, seqlen {r.seqlen})")
+        del fp
+    model = open_on_meta(args.model)
+    t0 = time.perf_counter()
+    quantize(model, method=args.method, calibration=args.calib_text, tokenizer=tok,
+             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+             progress=not args.quiet, method_options=_method_args(args), stream=True,
+             fp_inputs=args.fp_inputs, stats_dir=args.stats_dir, out=args.out,
+             device=args.device, sequential_groups=args.sequential_groups)
+    dt = time.perf_counter() - t0
+    out = Path(args.out).resolve()
+    n_layers = len(model.config.quantization_config["layers"])
+    print(f"quantized {n_layers} layers block by block in {dt:.1f} s; weights "
+          f"{_safetensors_bytes(Path(args.model)) / 2**20:.1f} MiB -> "
+          f"{_safetensors_bytes(out) / 2**20:.1f} MiB on disk")
+    if args.eval:
+        r = _perplexity(load_quantized(out), tok, args)
+        print(f"quantized perplexity: {r.ppl:.3f}")
+    print(f"saved to {out}")
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from . import quantize, save_quantized, size_report
 
+    if _streamable(args.model) and not args.no_stream:
+        return _cmd_quantize_streamed(args)
     model, tok = _load_any(args.model)
     before = size_report(model)["total_bytes"]
     if args.eval:
         r = _perplexity(model, tok, args)
         print(f"fp perplexity: {r.ppl:.3f} ({r.n_tokens_evaluated} tokens, seqlen {r.seqlen})")
     t0 = time.perf_counter()
-    extra = {}
-    if args.group_size is not None:
-        extra["group_size"] = args.group_size
-    if args.act_order:
-        extra["act_order"] = True
-    quantize(model, method=args.method, bits=args.bits, calibration=args.calib_text,
-             tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
-             group_axis=args.group_axis, sparsity=args.sparsity, kmeans=args.kmeans,
-             seed=args.seed, progress=not args.quiet, **extra)
+    quantize(model, method=args.method, calibration=args.calib_text, tokenizer=tok,
+             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+             progress=not args.quiet, method_options=_method_args(args),
+             fp_inputs=args.fp_inputs, stats_dir=args.stats_dir, device=args.device,
+             sequential_groups=args.sequential_groups,
+             stream=True if args.device or args.sequential_groups else None)
     dt = time.perf_counter() - t0
     rep = size_report(model)
     print(f"quantized in {dt:.1f} s; model {before / 2**20:.1f} MiB -> "
@@ -169,11 +297,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"CUDA kernels compiled: {bool(_C.cuda_compiled())}; CUDA device usable: {has_cuda()}")
     if args.folder:
         q = read_quantization_config(args.folder)
-        layers = q["layers"]
-        fmts = sorted({v["format"] for v in layers.values()})
-        print(f"{args.folder}: method {q.get('method')}, {q.get('bits')} bits, "
-              f"{len(layers)} quantized layers, formats {fmts}, format_version {q['format_version']}")
-        print(f"calibration: {q.get('calibration')}")
+        print(f"{args.folder}: {q.describe()}")
+        print(f"calibration: {q.calibration.to_dict()}")
     return 0
 
 
@@ -188,7 +313,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(_peek_method(argv)).parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "threads", 0):

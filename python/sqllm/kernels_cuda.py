@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 __all__ = [
+    "FAST_KERNELS",
     "FAST_MAX_BATCH",
     "LutMatmulPlan",
     "PRECISIONS",
@@ -47,6 +48,8 @@ __all__ = [
 FAST_MAX_BATCH = 16
 #: Accepted values of ``precision``.
 PRECISIONS = ("fast", "fp32", "fp16", "emulated")
+#: Accepted values of ``kernel`` (which fast kernel; see :func:`lut_matmul_cuda`).
+FAST_KERNELS = ("auto", "tiled", "warp")
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _GROUP_AXES = ("row", "column")
@@ -147,7 +150,8 @@ def lut_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, 
                     in_features: int, out_features: int, group_axis: str = "row",
                     csr: Optional[CsrTuple] = None, precision: str = "fast",
                     emu: Sequence[int] = (5, 10, 8, 23),
-                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                    out_dtype: Optional[torch.dtype] = None,
+                    kernel: str = "auto") -> torch.Tensor:
     """``y = x @ W.T`` (+ the CSR part) straight from packed codes on the GPU.
 
     Parameters
@@ -171,6 +175,13 @@ def lut_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, 
     out_dtype : torch.dtype, optional
         Dtype of the result (default: ``x.dtype``); the kernel computes in
         ``x.dtype`` and the result is converted.
+    kernel : {"auto", "tiled", "warp"}
+        Which fast kernel ``precision="fast"`` uses for batches <= 16:
+        "auto" takes the warp kernel (row grouping, in % 32 == 0, 16-byte
+        aligned x rows) for batches <= 4 where it applies, else the tiled
+        one (the faster choice on an H200, docs/benchmarks.md).  Forcing one is
+        for benchmarks and tests; a forced kernel that does not apply raises
+        ValueError.  Both sum in the same order.
 
     Returns
     -------
@@ -189,7 +200,8 @@ def lut_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, 
     plan = LutMatmulPlan(codes, tables, bits, in_features, out_features, group_axis, csr,
                          device=x.device)
     lead = tuple(x.shape[:-1])
-    y = plan(x.reshape(-1, in_features), precision=precision, emu=emu, out_dtype=out_dtype)
+    y = plan(x.reshape(-1, in_features), precision=precision, emu=emu, out_dtype=out_dtype,
+             kernel=kernel)
     return y.reshape(lead + (out_features,))
 
 
@@ -230,7 +242,8 @@ class LutMatmulPlan:
 
     def __call__(self, x2: torch.Tensor, precision: str = "fast",
                  emu: Sequence[int] = (5, 10, 8, 23),
-                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                 out_dtype: Optional[torch.dtype] = None,
+                 kernel: str = "auto") -> torch.Tensor:
         """``x2 (N, in_features)`` -> ``(N, out_features)``; see :func:`lut_matmul_cuda`."""
         if not isinstance(x2, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x2).__name__}")
@@ -243,6 +256,11 @@ class LutMatmulPlan:
                              f"got {tuple(x2.shape)}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if kernel not in FAST_KERNELS:
+            raise ValueError(f"kernel must be one of {FAST_KERNELS}, got {kernel!r}")
+        if kernel != "auto" and precision != "fast":
+            raise ValueError(f"kernel={kernel!r} selects a fast kernel; it needs precision='fast', "
+                             f"got {precision!r}")
         emu = tuple(emu)
         if len(emu) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in emu):
             raise ValueError(f"emu must be 4 ints (mul_exp, mul_man, acc_exp, acc_man), got {emu!r}")
@@ -253,7 +271,7 @@ class LutMatmulPlan:
         if batch == 0:
             return torch.empty((0, self.out_features), dtype=result_dtype, device=self.device)
 
-        if precision == "fast" and batch > FAST_MAX_BATCH:
+        if precision == "fast" and batch > FAST_MAX_BATCH and kernel == "auto":
             y = torch.matmul(x2, self.dequantize(x2.dtype).t())
             return y if y.dtype == result_dtype else y.to(result_dtype)
 
@@ -272,5 +290,5 @@ class LutMatmulPlan:
                 self.bits, self.codes.data_ptr(), self.tables.data_ptr(),
                 self.group_axis == "column", sp[0], sp[1], sp[2], sp[3], _DTYPE_NAMES[x2.dtype],
                 "fp32" if precision == "fast" else precision, emu[0], emu[1], emu[2], emu[3],
-                precision != "fast", stream)
+                precision != "fast", stream, kernel)
         return y if y.dtype == result_dtype else y.to(result_dtype)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 import torch
 from torch import nn
 
-from .nn import QuantLinear, QuantLinearBase
+from .nn import QuantLinear, QuantLinearBase, _check_axis, _check_bits
 from .nn_uniform import UniformQuantLinear, check_uniform_options
 
 __all__ = ["QuantMethod", "METHODS", "register_method", "get_method", "SqueezeLLM", "RTN", "GPTQ"]
@@ -40,19 +40,51 @@ def get_method(name: str) -> Type["QuantMethod"]:
 class QuantMethod:
     """Base of all methods.  Options are dataclass fields (documented defaults).
 
-    Subclasses set ``name``, say whether they need calibration data
-    (``needs_calibration``) and which per-layer statistics (``stats``, e.g.
-    ``("hessian",)``: ``quantize_layer`` then receives ``stats["hessian"][name]``,
-    XᵀX summed in float64, and ``stats["hessian_count"][name]``, the rows of X),
-    and implement :meth:`quantize_layer`; :meth:`collect` gathers the
-    statistics in memory (a block streamer may gather them instead).
+    Subclasses set ``name``, declare the statistics they need in ``stats`` (names
+    of collectors in :data:`sqllm.calib.COLLECTORS`: ``"hessian"``, ``"act_stats"``,
+    ``"fisher"``), and implement :meth:`quantize_layer`.  The block streamer
+    (:mod:`sqllm.calib.streamer`) gathers the statistics block by block and hands
+    :meth:`quantize_layer` ``stats[collector][layer_name]`` (for ``"hessian"`` also
+    ``stats["hessian_count"][layer_name]``, the number of token rows).  Methods
+    that train whole blocks override :meth:`quantize_block`.  :meth:`collect` is
+    the whole-model path used without streaming.
+
+    Options are documented in the class docstring's ``Attributes`` section
+    (``name : type`` then an indented description) or with
+    ``dataclasses.field(metadata={"help": ..., "choices": ...})``; the CLI
+    turns each into a flag (``sqllm quantize --method NAME --help``) and the
+    saved ``quantization_config`` records them (``sqllm.method_options``).
+
+    Attributes
+    ----------
+    bits : int
+        Code width.
     """
 
     name = ""
     needs_calibration = False
+    #: Collectors whose statistics :meth:`quantize_layer` reads (see ``sqllm.calib``).
     stats: ClassVar[Tuple[str, ...]] = ()
 
     bits: int = 3
+
+    def required_stats(self) -> Tuple[str, ...]:
+        """The collectors this configured instance needs (``stats`` unless an option drops them)."""
+        return tuple(self.stats)
+
+    def quantize_block(self, block: nn.Module, block_inputs: Any, fp_outputs: Any,
+                       stats: Dict[str, Any], *,
+                       layers: Dict[str, nn.Linear]) -> Dict[str, QuantLinearBase]:
+        """Quantize the Linears of one decoder block; return full name -> quantized layer.
+
+        ``block_inputs`` (:class:`sqllm.calib.BlockInputs`) are the block's inputs on the
+        calibration data (from the quantized previous blocks unless ``fp_inputs``),
+        ``fp_outputs`` the full-precision block's outputs on them (a list of tensors, one per
+        calibration batch; None when no calibration data is used), ``layers`` the block's
+        Linears by full name.  The default quantizes each Linear in turn with
+        :meth:`quantize_layer`; the streamer swaps the returned layers in.
+        """
+        return {name: self.quantize_layer(name, lin, stats) for name, lin in layers.items()}
 
     def collect(self, model: nn.Module, layers: Dict[str, nn.Linear],
                 batches: Optional[torch.Tensor], progress: bool) -> Dict[str, Any]:
@@ -98,6 +130,7 @@ class SqueezeLLM(QuantMethod):
 
     name = "squeezellm"
     needs_calibration = True
+    stats = ("fisher", "hessian")
 
     group_axis: str = "row"
     kmeans: str = "exact"
@@ -107,33 +140,43 @@ class SqueezeLLM(QuantMethod):
     gptq: bool = False
 
     def __post_init__(self) -> None:
-        stats = []
-        if self.weighted:
-            stats.append("fisher")
+        self.bits = _check_bits(self.bits)
+        self.group_axis = _check_axis(self.group_axis)
+        if self.kmeans not in ("exact", "lloyd"):
+            raise ValueError(f"kmeans must be 'exact' or 'lloyd', got {self.kmeans!r}")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if not 0.0 <= float(self.sensitive_fraction) <= 1.0:
+            raise ValueError(f"sensitive_fraction must be in [0, 1], got {self.sensitive_fraction}")
+        QuantLinear.check_supports(bits=self.bits, group_axis=self.group_axis,
+                                   sparse=self.sparsity > 0)
         if self.gptq:
-            if self.group_axis not in ("row",):
+            if self.group_axis != "row":
                 raise ValueError("squeezellm with gptq=True needs group_axis='row' (one table per "
                                  f"row), got {self.group_axis!r}")
             if self.sparsity:
                 raise ValueError("squeezellm with gptq=True is dense-only (sparsity=0), got "
                                  f"sparsity={self.sparsity}")
-            stats.append("hessian")
-        self.stats = tuple(stats)  # type: ignore[misc]  # per instance: depends on options
-        self.needs_calibration = bool(stats)
+        self.needs_calibration = bool(self.required_stats())
+
+    def required_stats(self) -> Tuple[str, ...]:
+        return tuple(s for s in self.stats
+                     if (s == "fisher" and self.weighted) or (s == "hessian" and self.gptq))
 
     def collect(self, model: nn.Module, layers: Dict[str, nn.Linear],
                 batches: Optional[torch.Tensor], progress: bool) -> Dict[str, Any]:
-        if not self.stats:
+        needed = self.required_stats()
+        if not needed:
             return {}
         if batches is None:
             raise ValueError("squeezellm needs calibration data for the Fisher diagonal "
                              "(pass calibration=..., a precomputed sensitivity=, or weighted=False)")
         out: Dict[str, Any] = {}
-        if "fisher" in self.stats:
+        if "fisher" in needed:
             from .calibration import fisher_diagonal
 
             out["fisher"] = fisher_diagonal(model, batches, layers, progress=progress)
-        if "hessian" in self.stats:
+        if "hessian" in needed:
             from .gptq import collect_hessians
 
             out.update(collect_hessians(model, layers, batches, progress=progress))
@@ -144,10 +187,7 @@ class SqueezeLLM(QuantMethod):
         fisher = stats.get("fisher", {}).pop(name, None) if self.weighted else None
         if self.weighted and fisher is None:
             raise ValueError(f"no sensitivity for layer {name!r}")
-        layer = QuantLinear.from_linear(linear, bits=self.bits, sensitivity=fisher,
-                                        group_axis=self.group_axis, kmeans=self.kmeans,
-                                        sparsity=self.sparsity,
-                                        sensitive_fraction=self.sensitive_fraction)
+        layer = self.quantize_linear(linear, fisher)
         if self.gptq:
             from . import _C
             from .gptq import hessian_for_gptq
@@ -159,6 +199,49 @@ class SqueezeLLM(QuantMethod):
                                        self.bits)
             layer.qweight.copy_(torch.from_numpy(packed.view(np.int32)))
         return layer
+
+    def quantize_linear(self, linear: nn.Linear, sensitivity: Optional[torch.Tensor] = None,
+                        num_threads: int = 0) -> QuantLinear:
+        """Quantize one ``nn.Linear`` (``sensitivity``: its Fisher diagonal, or None
+        for plain k-means) into a :class:`~sqllm.QuantLinear`."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if sensitivity is not None and not isinstance(sensitivity, torch.Tensor):
+            raise TypeError("sensitivity must be a torch.Tensor or None, got "
+                            f"{type(sensitivity).__name__}")
+        return self.quantize_weight(linear.weight, sensitivity, bias=linear.bias,
+                                    num_threads=num_threads)
+
+    def quantize_weight(self, weight: torch.Tensor, sensitivity: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None, num_threads: int = 0) -> QuantLinear:
+        """The algorithm: sensitivity-weighted k-means per row (or column) and the
+        Dense-and-Sparse split, on a (out, in) weight; returns the packed layer."""
+        from . import _C
+
+        if weight.dim() != 2 or weight.numel() == 0:
+            raise ValueError(f"weight must be a non-empty 2-D tensor, got shape {tuple(weight.shape)}")
+        w = weight.detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(w).all():
+            raise ValueError("weight contains NaN or Inf")
+        s_np = None
+        if sensitivity is not None:
+            s = sensitivity.detach().to("cpu", torch.float32).contiguous()
+            if tuple(s.shape) != tuple(w.shape):
+                raise ValueError(f"sensitivity shape {tuple(s.shape)} must equal the weight "
+                                 f"shape {tuple(w.shape)}")
+            s_np = s.numpy()
+        w_np = w.numpy()
+        keep = None
+        if self.sparsity > 0:
+            keep = _C.sparse_select(w_np, s_np, float(self.sparsity),
+                                    float(self.sensitive_fraction))
+        packed, tables, _ = _C.nuq_quantize(w_np, s_np, self.bits, self.group_axis, self.kmeans,
+                                            50, keep, num_threads)
+        sparse = None
+        if keep is not None:
+            sparse = _C.sparse_residual(w_np, packed, tables, keep, self.bits, self.group_axis)
+        return QuantLinear.from_packed(packed, tables, self.bits, w.shape[1], self.group_axis,
+                                       sparse=sparse, bias=bias)
 
 
 @register_method

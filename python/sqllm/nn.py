@@ -13,7 +13,7 @@ with an optional Dense-and-Sparse CSR part.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Dict, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -63,7 +63,31 @@ def _check_axis(group_axis: str) -> str:
 class QuantLinearBase(nn.Module):
     """Shared machinery of quantized linear layers (y = x Wᵀ + b)."""
 
+    #: Name of the format in ``quantization_config`` (``FORMATS`` key).
     format: ClassVar[str] = ""
+    #: Version of the format's tensor layout; a loader refuses newer versions.
+    format_version: ClassVar[int] = 1
+    #: Parameters of the format's layer entry beyond the shapes (name -> type),
+    #: checked when a config is read.  Empty: not checked.
+    layer_params: ClassVar[Mapping[str, type]] = {}
+    #: What the format can represent and where it runs, e.g. ``{"bits": (2, 3, 4),
+    #: "group_axis": ("row",), "sparse": False, "devices": ("cpu",)}``; methods
+    #: check their options against it (:meth:`check_supports`).
+    supports: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def check_supports(cls, **wanted: Any) -> None:
+        """Raise ValueError if the format cannot represent ``wanted`` (keys of
+        :attr:`supports`: a value must be in the declared collection, or equal a
+        declared bool).  Keys the format does not declare are not checked."""
+        for key, value in wanted.items():
+            if key not in cls.supports:
+                continue
+            allowed = cls.supports[key]
+            ok = (value is allowed or not value) if isinstance(allowed, bool) else value in allowed
+            if not ok:
+                raise ValueError(f"format {cls.format!r} does not support {key}={value!r} "
+                                 f"(supported: {allowed!r})")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  bias_dtype: torch.dtype = torch.float32) -> None:
@@ -169,6 +193,26 @@ def _version_of(t: torch.Tensor) -> int:
         return -1
 
 
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+
+def _as_tensor(a: ArrayLike, name: str) -> torch.Tensor:
+    """A tensor view of a packed-format array: uint32 words become int32 bit
+    patterns, uint16 values float16 bit patterns (PyTorch lacks those dtypes)."""
+    if isinstance(a, np.ndarray):
+        if a.dtype == np.uint32:
+            a = a.view(np.int32)
+        elif a.dtype == np.uint16:
+            a = a.view(np.float16)
+        return torch.from_numpy(np.ascontiguousarray(a))
+    if isinstance(a, torch.Tensor):
+        t = a.detach()
+        if t.dtype == getattr(torch, "uint32", None):
+            t = t.view(torch.int32)
+        return t
+    raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(a).__name__}")
+
+
 def _u32(t: torch.Tensor) -> np.ndarray:
     """A zero-copy uint32 view of an int32 CPU tensor."""
     return t.detach().numpy().view(np.uint32)
@@ -201,6 +245,10 @@ class QuantLinear(QuantLinearBase):
     """
 
     format = "lut"
+    format_version = 1
+    layer_params = {"bits": int, "group_axis": str, "nnz": int}
+    supports = {"bits": tuple(range(1, 9)), "group_axis": ("row", "column"), "sparse": True,
+                "devices": ("cpu", "cuda")}
 
     def __init__(self, in_features: int, out_features: int, bits: int = 3,
                  group_axis: str = "row", bias: bool = True, nnz: int = 0,
@@ -221,11 +269,71 @@ class QuantLinear(QuantLinearBase):
 
     # -- construction -------------------------------------------------------
     @classmethod
+    def from_packed(cls, qweight: ArrayLike, lookup_table: ArrayLike, bits: int,
+                    in_features: int, group_axis: str = "row",
+                    sparse: Optional[Tuple[ArrayLike, ArrayLike, ArrayLike]] = None,
+                    bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Build the layer from its packed tensors (docs/formats.md) and validate them.
+
+        Parameters
+        ----------
+        qweight : int32/uint32 tensor or array ``[out, ceil(in*bits/32)]``
+            The packed codes (uint32 bit patterns).
+        lookup_table : float tensor or array ``[out or in, 2**bits]``
+        bits, in_features : int
+        group_axis : {"row", "column"}
+        sparse : (row_ptr int32 [out+1], col_idx int32 [nnz], values [nnz]), optional
+            The Dense-and-Sparse part; values are stored as float16 (a uint16
+            array is taken as float16 bit patterns).
+        bias : Tensor [out], optional
+
+        Tensors already on the CPU in the stored dtype are used without a copy
+        (the layer shares their memory, as ``torch.from_numpy`` does).
+        """
+        bits = _check_bits(bits)
+        qw = _as_tensor(qweight, "qweight").to("cpu")
+        table = _as_tensor(lookup_table, "lookup_table").to("cpu")
+        if qw.dim() != 2:
+            raise ValueError(f"qweight must be 2-D [out, words], got shape {tuple(qw.shape)}")
+        if not table.is_floating_point():
+            raise ValueError(f"lookup_table must be a float tensor, got {table.dtype}")
+        parts = None
+        if sparse is not None:
+            if len(sparse) != 3:
+                raise ValueError("sparse must be (row_ptr, col_idx, values)")
+            parts = [_as_tensor(t, n).to("cpu")
+                     for t, n in zip(sparse, ("row_ptr", "col_idx", "values"))]
+        nnz = int(parts[2].numel()) if parts is not None else 0
+        layer = cls(int(in_features), int(qw.shape[0]), bits, group_axis, bias=bias is not None,
+                    nnz=nnz, bias_dtype=bias.dtype if bias is not None else torch.float32)
+        # Assign, then check everything in one place (validate: shapes, dtypes, CSR).
+        layer.qweight = qw.contiguous()
+        layer.lookup_table = table.to(torch.float32).contiguous()
+        if parts is not None:
+            row_ptr, col_idx, values = parts
+            layer.sparse_row_ptr = row_ptr.to(torch.int32).contiguous()
+            layer.sparse_col_idx = col_idx.to(torch.int32).contiguous()
+            layer.sparse_values = (values.to(torch.float16) if values.is_floating_point()
+                                   else values).contiguous()
+        if bias is not None:
+            if tuple(bias.shape) != (layer.out_features,):
+                raise ValueError(f"bias must have shape ({layer.out_features},), got "
+                                 f"{tuple(bias.shape)}")
+            layer.bias.copy_(bias.detach().to("cpu"))
+        layer.validate()
+        return layer
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 3,
                     sensitivity: Optional[torch.Tensor] = None, group_axis: str = "row",
                     kmeans: str = "exact", sparsity: float = 0.0,
                     sensitive_fraction: float = 1.0 / 9.0, num_threads: int = 0) -> "QuantLinear":
-        """Quantize an ``nn.Linear`` with sensitivity-weighted k-means.
+        """Quantize an ``nn.Linear`` with SqueezeLLM (a convenience).
+
+        The algorithm is :class:`sqllm.methods.SqueezeLLM`; this is
+        ``SqueezeLLM(bits=..., group_axis=..., kmeans=..., sparsity=...,
+        sensitive_fraction=..., weighted=sensitivity is not None)
+        .quantize_linear(linear, sensitivity)``.
 
         Parameters
         ----------
@@ -245,23 +353,12 @@ class QuantLinear(QuantLinearBase):
             Share of the sparse budget given to the most sensitive values; the
             rest goes to magnitude outliers.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach().to("cpu", torch.float32).contiguous()
-        s = None
-        if sensitivity is not None:
-            if not isinstance(sensitivity, torch.Tensor):
-                raise TypeError("sensitivity must be a torch.Tensor or None, got "
-                                f"{type(sensitivity).__name__}")
-            if tuple(sensitivity.shape) != tuple(w.shape):
-                raise ValueError(f"sensitivity shape {tuple(sensitivity.shape)} must equal the "
-                                 f"weight shape {tuple(w.shape)}")
-            s = sensitivity.detach().to("cpu", torch.float32).contiguous()
-        layer = cls.from_weight(w, bits=bits, sensitivity=s, group_axis=group_axis,
-                                kmeans=kmeans, sparsity=sparsity,
-                                sensitive_fraction=sensitive_fraction,
-                                bias=linear.bias, num_threads=num_threads)
-        return layer
+        from .methods import SqueezeLLM
+
+        method = SqueezeLLM(bits=bits, group_axis=group_axis, kmeans=kmeans, sparsity=sparsity,
+                            sensitive_fraction=sensitive_fraction,
+                            weighted=sensitivity is not None)
+        return method.quantize_linear(linear, sensitivity, num_threads=num_threads)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bits: int = 3,
@@ -269,46 +366,13 @@ class QuantLinear(QuantLinearBase):
                     kmeans: str = "exact", sparsity: float = 0.0,
                     sensitive_fraction: float = 1.0 / 9.0, bias: Optional[torch.Tensor] = None,
                     num_threads: int = 0) -> "QuantLinear":
-        """Quantize a (out, in) weight tensor; see :meth:`from_linear`."""
-        bits = _check_bits(bits)
-        group_axis = _check_axis(group_axis)
-        if weight.dim() != 2 or weight.numel() == 0:
-            raise ValueError(f"weight must be a non-empty 2-D tensor, got shape {tuple(weight.shape)}")
-        w = weight.detach().to("cpu", torch.float32).contiguous()
-        if not torch.isfinite(w).all():
-            raise ValueError("weight contains NaN or Inf")
-        s_np = None
-        if sensitivity is not None:
-            s = sensitivity.detach().to("cpu", torch.float32).contiguous()
-            if tuple(s.shape) != tuple(w.shape):
-                raise ValueError(f"sensitivity shape {tuple(s.shape)} must equal the weight "
-                                 f"shape {tuple(w.shape)}")
-            s_np = s.numpy()
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        out_f, in_f = w.shape
-        keep = None
-        if sparsity > 0:
-            keep = _C.sparse_select(w.numpy(), s_np, float(sparsity), float(sensitive_fraction))
-        packed, tables, _ = _C.nuq_quantize(w.numpy(), s_np, bits, group_axis, kmeans, 50,
-                                            keep, num_threads)
-        nnz = 0
-        sparse = None
-        if keep is not None:
-            sparse = _C.sparse_residual(w.numpy(), packed, tables, keep, bits, group_axis)
-            nnz = int(sparse[2].shape[0])
-        layer = cls(in_f, out_f, bits, group_axis, bias=bias is not None, nnz=nnz,
-                    bias_dtype=bias.dtype if bias is not None else torch.float32)
-        layer.qweight.copy_(torch.from_numpy(packed.view(np.int32)))
-        layer.lookup_table.copy_(torch.from_numpy(tables))
-        if sparse is not None:
-            layer.sparse_row_ptr.copy_(torch.from_numpy(sparse[0]))
-            layer.sparse_col_idx.copy_(torch.from_numpy(sparse[1]))
-            layer.sparse_values.copy_(torch.from_numpy(sparse[2].view(np.float16)))
-        if bias is not None:
-            layer.bias.copy_(bias.detach().to("cpu"))
-        layer._sparse_checked = True
-        return layer
+        """Quantize a (out, in) weight tensor with SqueezeLLM; see :meth:`from_linear`."""
+        from .methods import SqueezeLLM
+
+        method = SqueezeLLM(bits=bits, group_axis=group_axis, kmeans=kmeans, sparsity=sparsity,
+                            sensitive_fraction=sensitive_fraction,
+                            weighted=sensitivity is not None)
+        return method.quantize_weight(weight, sensitivity, bias=bias, num_threads=num_threads)
 
     @classmethod
     def from_config(cls, cfg: Dict[str, Any]) -> "QuantLinear":

@@ -31,7 +31,8 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from .api import FORMAT_VERSION, set_module
+from .api import set_module
+from .config import CalibrationConfig, QuantizationConfig
 from .nn import QuantLinear
 
 __all__ = ["load_squeezellm_checkpoint", "save_squeezellm_checkpoint"]
@@ -105,13 +106,14 @@ def load_squeezellm_checkpoint(checkpoint: Union[str, os.PathLike], model: nn.Mo
         if result.unexpected_keys:
             raise ValueError(f"checkpoint has tensors the model lacks: {result.unexpected_keys[:5]}")
     if hasattr(model, "config"):
-        model.config.quantization_config = {
-            "quant_method": "sqllm", "format_version": FORMAT_VERSION,
-            "method": "squeezellm", "bits": bits,
-            "group_axis": next(iter(layer_cfgs.values()))["group_axis"],
-            "source": f"upstream SqueezeLLM checkpoint {path.name}",
-            "layers": layer_cfgs,
-        }
+        first = next(iter(layer_cfgs.values()))
+        qc = QuantizationConfig(
+            method="squeezellm", options={"bits": bits, "group_axis": first["group_axis"]},
+            calibration=CalibrationConfig(source=None),
+            extra={"source": f"upstream SqueezeLLM checkpoint {path.name}"})
+        for name, lcfg in layer_cfgs.items():
+            qc.set_layer(name, lcfg)
+        model.config.quantization_config = qc.to_dict()
     log.info("loaded %d SqueezeLLM layers (%d-bit) from %s", len(modules), bits, path)
     return model
 

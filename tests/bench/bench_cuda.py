@@ -111,6 +111,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--no-graph", action="store_true", help="time eager calls instead of a graph")
     ap.add_argument("--check", action="store_true", help="exit 1 if a batch-1 target is missed")
+    ap.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "tiled", "warp"],
+                    help="fast kernels to time side by side (targets are checked for the first)")
+    ap.add_argument("--dequant", action="store_true",
+                    help="also time dequantize + cuBLAS (the path auto takes above 16 rows)")
     args = ap.parse_args(argv)
 
     from sqllm import _C
@@ -132,9 +136,9 @@ def main(argv=None) -> int:
     print(f"dtype {args.dtype}, {args.axis} grouping, sparsity {args.sparsity}, "
           f"{'eager' if args.no_graph else 'CUDA graph'} of {args.iters} calls, median of "
           f"{args.repeats}\n")
-    print("| out x in | bits | batch | ours (us) | cuBLAS fp16 (us) | speed-up | ours GB/s | "
+    print("| out x in | bits | batch | kernel | ours (us) | cuBLAS fp16 (us) | speed-up | ours GB/s | "
           "% of copy BW |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     missed: List[str] = []
@@ -168,37 +172,59 @@ def main(argv=None) -> int:
                     values = (torch.randn(nnz, device="cuda", generator=gen) * 0.1).half()
                     csr = (row_ptr, col_idx, values)
 
-                # correctness first
                 codes, tables = layers[0]
-                y = lut_matmul_cuda(x, codes, tables, bits, in_f, out_f, args.axis, csr=csr)
                 w = dequantize_cuda(codes, tables, bits, in_f, out_f, args.axis, csr=csr,
                                     dtype=torch.float32)
                 ref = x.float() @ w.t()
-                err = (y.float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-                if err > 2e-2:
-                    print(f"| {shape} | {bits} | {batch} | WRONG RESULT (rel err {err:.3g}) |")
-                    missed.append(f"{shape} b{bits} batch{batch}: wrong result")
-                    continue
-                del w, ref
-
-                def ours(k: int) -> None:
-                    c, t = layers[k % n_copies]
-                    lut_matmul_cuda(x, c, t, bits, in_f, out_f, args.axis, csr=csr)
-
-                t_ours = time_graph(ours, args.iters, args.repeats, args.warmup,
-                                    not args.no_graph)
+                del w
                 moved = layer_bytes + x.numel() * x.element_size() + batch * out_f * 2
                 moved += nnz * (4 + 2) + (out_f + 1) * 4 if csr is not None else 0
-                bw = moved / t_ours
-                speed = t_ref / t_ours
-                print(f"| {shape} | {bits} | {batch} | {t_ours * 1e6:.1f} | {t_ref * 1e6:.1f} | "
-                      f"{speed:.2f}x | {bw / 1e9:.0f} | {100 * bw / copy_bw:.0f} % |", flush=True)
-                if batch == 1 and bits == 3 and (speed < 3.5 or bw < 0.7 * copy_bw):
-                    missed.append(f"{shape} 3-bit batch 1: {speed:.2f}x, "
-                                  f"{100 * bw / copy_bw:.0f} % of copy BW (target 3.5x, 70 %)")
-                if batch == 1 and bits == 4 and speed < 3.0:
-                    missed.append(f"{shape} 4-bit batch 1: {speed:.2f}x (target 3x)")
-                del layers
+                for ki, kernel in enumerate(args.kernels):
+                    # correctness first
+                    try:
+                        y = lut_matmul_cuda(x, codes, tables, bits, in_f, out_f, args.axis, csr=csr,
+                                            kernel=kernel)
+                    except ValueError as e:  # a forced kernel that does not apply
+                        print(f"| {shape} | {bits} | {batch} | {kernel} | n/a ({e}) |")
+                        continue
+                    err = (y.float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+                    if err > 2e-2:
+                        print(f"| {shape} | {bits} | {batch} | {kernel} | WRONG RESULT "
+                              f"(rel err {err:.3g}) |")
+                        missed.append(f"{shape} b{bits} batch{batch} {kernel}: wrong result")
+                        continue
+
+                    def ours(k: int, kernel=kernel) -> None:
+                        c, t = layers[k % n_copies]
+                        lut_matmul_cuda(x, c, t, bits, in_f, out_f, args.axis, csr=csr,
+                                        kernel=kernel)
+
+                    t_ours = time_graph(ours, args.iters, args.repeats, args.warmup,
+                                        not args.no_graph)
+                    bw = moved / t_ours
+                    speed = t_ref / t_ours
+                    print(f"| {shape} | {bits} | {batch} | {kernel} | {t_ours * 1e6:.1f} | "
+                          f"{t_ref * 1e6:.1f} | {speed:.2f}x | {bw / 1e9:.0f} | "
+                          f"{100 * bw / copy_bw:.0f} % |", flush=True)
+                    if ki > 0:
+                        continue
+                    if batch == 1 and bits == 3 and (speed < 3.5 or bw < 0.7 * copy_bw):
+                        missed.append(f"{shape} 3-bit batch 1: {speed:.2f}x, "
+                                      f"{100 * bw / copy_bw:.0f} % of copy BW (target 3.5x, 70 %)")
+                    if batch == 1 and bits == 4 and speed < 3.0:
+                        missed.append(f"{shape} 4-bit batch 1: {speed:.2f}x (target 3x)")
+                if args.dequant:
+                    def deq(k: int) -> None:
+                        c, t = layers[k % n_copies]
+                        w16 = dequantize_cuda(c, t, bits, in_f, out_f, args.axis, csr=csr,
+                                              dtype=dtype)
+                        F.linear(x, w16)
+
+                    t_deq = time_graph(deq, max(10, args.iters // 10), args.repeats, 2,
+                                       not args.no_graph)
+                    print(f"| {shape} | {bits} | {batch} | dequant+cuBLAS | {t_deq * 1e6:.1f} | "
+                          f"{t_ref * 1e6:.1f} | {t_ref / t_deq:.2f}x | | |", flush=True)
+                del layers, ref
             del x
         del dense
         torch.cuda.empty_cache()

@@ -279,8 +279,12 @@ def _to_dev(p: Problem, dtype=torch.float16, x=None):
     return xt, codes, tables, csr
 
 
-def _check_fast(p: Problem, y: torch.Tensor, dtype, dequant_path=False):
-    y64, a = p.reference64()
+def _check_fast(p: Problem, y: torch.Tensor, dtype, dequant_path=False, x=None):
+    """x: the activations the kernel received (p.x rounded to its dtype: bf16
+    keeps 8 significant bits of p.x's fp16 values, so the reference must be
+    the exact sum over the rounded x, not over p.x)."""
+    x_used = None if x is None else x.float().cpu().numpy()
+    y64, a = p.reference64(x_used)
     n = 32 * math.ceil(math.ceil(p.in_f / 32) / 32) + math.ceil(p.max_row_nnz() / 32) + 5
     if dequant_path:  # weight rounding to dtype + fp32 GEMM over `in` terms
         bound = U_OUT[dtype] * np.abs(y64) + (1 + U_OUT[dtype]) * (U_W[dtype] + gamma(p.in_f + 1)) * a
@@ -315,16 +319,23 @@ SHAPES = [(300, 77), (1024, 64), (2080, 33), (4096, 96)]  # (in, out): tails, od
 @pytest.mark.parametrize("batch", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fast_vs_float64(bits, dtype, axis, batch, sparse, shape, no_reduced_precision_gemm):
+@pytest.mark.parametrize("kernel", ["auto", "tiled", "warp"])
+def test_fast_vs_float64(bits, dtype, axis, batch, sparse, shape, kernel, no_reduced_precision_gemm):
+    """Both fast kernels (and auto's choice, with the dequantize path above
+    16 rows) within the bound of their common summation order."""
     from sqllm.kernels_cuda import FAST_MAX_BATCH, lut_matmul_cuda
 
     in_f, out_f = shape
     p = Problem(batch, in_f, out_f, bits, axis, sparse, seed=bits * 7 + batch)
     x, codes, tables, csr = _to_dev(p, dtype)
-    y = lut_matmul_cuda(x, codes, tables, bits, in_f, out_f, axis, csr=csr)
+    if kernel == "warp" and (axis == "column" or in_f % 32):
+        with pytest.raises(ValueError, match="warp kernel needs row grouping"):
+            lut_matmul_cuda(x, codes, tables, bits, in_f, out_f, axis, csr=csr, kernel=kernel)
+        return
+    y = lut_matmul_cuda(x, codes, tables, bits, in_f, out_f, axis, csr=csr, kernel=kernel)
     torch.cuda.synchronize()
     assert y.dtype == dtype and y.shape == (batch, out_f)
-    _check_fast(p, y, dtype, dequant_path=batch > FAST_MAX_BATCH)
+    _check_fast(p, y, dtype, dequant_path=kernel == "auto" and batch > FAST_MAX_BATCH, x=x)
 
 
 @requires_cuda

@@ -28,7 +28,8 @@ def test_quantize_replaces_every_decoder_linear(tiny_llama, calib_ids):
     assert len(q) == 2 * 7
     assert isinstance(tiny_llama.lm_head, nn.Linear)
     cfg = tiny_llama.config.quantization_config
-    assert cfg["quant_method"] == "sqllm" and cfg["bits"] == 4 and cfg["method"] == "squeezellm"
+    assert cfg["quant_method"] == "sqllm" and cfg["method"] == "squeezellm"
+    assert cfg["options"]["bits"] == 4
     assert set(cfg["layers"]) == q
     assert cfg["calibration"]["nsamples"] == 4 and cfg["calibration"]["seqlen"] == 32
 
@@ -99,11 +100,11 @@ def test_corrupt_or_truncated_checkpoints_raise(tmp_path, tiny_llama, calib_ids)
     st.write_bytes(data)
     cfg = json.loads((target / "config.json").read_text())
     layer = "model.layers.0.self_attn.q_proj"
-    cfg["quantization_config"]["layers"][layer]["bits"] = 4
+    cfg["quantization_config"]["layers"][layer]["params"]["bits"] = 4
     (target / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match"):
         sqllm.load_quantized(target)
-    cfg["quantization_config"]["layers"][layer]["bits"] = 3
+    cfg["quantization_config"]["layers"][layer]["params"]["bits"] = 3
     cfg["quantization_config"]["format_version"] = 99
     (target / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format_version"):

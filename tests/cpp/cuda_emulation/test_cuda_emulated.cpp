@@ -234,14 +234,28 @@ bool launched_fast_kernel(std::size_t since) {
   return any;
 }
 
-/// The fast kernel against float64 within the bound of its summation order.
-void check_fast(const Problem& p) {
+const char* kernel_name(Kernel k) {
+  return k == Kernel::Warp ? "warp" : k == Kernel::Tiled ? "tiled" : "auto";
+}
+
+/// One fast kernel (Auto, Tiled or Warp) against float64 within the bound of
+/// their common summation order.
+void check_fast_kernel(const Problem& p, Kernel kernel) {
   INFO("batch=" << p.batch << " in=" << p.in << " out=" << p.out << " stride=" << p.x_stride << " bits=" << p.bits
-                << (p.col ? " column" : " row") << " " << dtype_name(p.dtype) << (p.sparse() ? " sparse" : ""));
+                << (p.col ? " column" : " row") << " " << dtype_name(p.dtype) << (p.sparse() ? " sparse" : "")
+                << " kernel=" << kernel_name(kernel));
   auto y = sentinel_y(p);
   const std::size_t before = sqllm_emu::launches().size();
-  sqllm::cuda::lut_matmul(p.args(y.data()));
+  LutMatmulArgs a = p.args(y.data());
+  a.kernel = kernel;
+  sqllm::cuda::lut_matmul(a);
   REQUIRE(launched_fast_kernel(before));
+  if (kernel == Kernel::Auto) {  // Auto takes the warp kernel exactly where it applies, up to 4 rows
+    const bool warp = sqllm::cuda::warp_kernel_applies(a) && p.batch <= sqllm::cuda::kWarpAutoMaxBatch;
+    for (std::size_t k = before; k < sqllm_emu::launches().size(); ++k) {
+      CHECK((sqllm_emu::launches()[k].block.x == 32) == warp);
+    }
+  }
   const auto v = p.view();
   std::vector<double> ref(static_cast<std::size_t>(p.batch * p.out)), absref(ref.size());
   sqllm::reference::lut_matmul_f64(v, ref.data());
@@ -270,6 +284,21 @@ void check_fast(const Problem& p) {
     }
   }
   CHECK(bad == 0);
+}
+
+/// Every fast kernel that applies: Auto, the tiled one, and the warp one
+/// where its conditions hold (and a clear error where they do not).
+void check_fast(const Problem& p) {
+  check_fast_kernel(p, Kernel::Auto);
+  check_fast_kernel(p, Kernel::Tiled);
+  auto y = sentinel_y(p);
+  LutMatmulArgs a = p.args(y.data());
+  a.kernel = Kernel::Warp;
+  if (sqllm::cuda::warp_kernel_applies(a)) {
+    check_fast_kernel(p, Kernel::Warp);
+  } else if (p.batch > 0) {
+    CHECK_THROWS_WITH(sqllm::cuda::lut_matmul(a), Catch::Contains("warp kernel needs row grouping"));
+  }
 }
 
 }  // namespace
@@ -362,6 +391,20 @@ TEST_CASE("fast kernel equals float64 within the fp32 bound: every width, type, 
   }
 }
 
+TEST_CASE("warp kernel equals float64 within the same bound: every width, type, batch tile", "[cuda_emu]") {
+  unsigned seed = 500;
+  for (int bits : {2, 3, 4}) {
+    for (DType dt : {DType::F16, DType::BF16, DType::F32}) {
+      for (std::int64_t batch : {1, 2, 3, 4, 5, 8, 9, 16}) {
+        // in: one chunk per lane and a partial last step (1056 = 33 chunks);
+        // out odd (a half-filled last block of rows); sparse on odd batches.
+        const std::int64_t in = batch % 3 == 0 ? 1056 : 96;
+        check_fast(make_problem(batch, in, 37, bits, false, dt, batch % 2 == 1, seed++));
+      }
+    }
+  }
+}
+
 TEST_CASE("fast kernel: shapes at and around chunk, step and tile boundaries", "[cuda_emu]") {
   unsigned seed = 100;
   for (std::int64_t in : {1, 31, 32, 33, 1023, 1024, 1025, 2048 + 65, 4096}) {
@@ -387,8 +430,14 @@ TEST_CASE("fast kernel: strided x, batches above 16 and an empty batch", "[cuda_
   check_fast(make_problem(16, 300, 20, 4, true, DType::BF16, false, 201, /*extra_stride=*/1));
   // 37 rows = tiles of 16 + 16 + 5 (the last launched with tile 8).
   const std::size_t before = sqllm_emu::launches().size();
-  check_fast(make_problem(37, 513, 33, 2, false, DType::F16, true, 202, 3));
+  check_fast_kernel(make_problem(37, 513, 33, 2, false, DType::F16, true, 202, 3), Kernel::Auto);
   CHECK(sqllm_emu::launches().size() - before == 3);
+  // The warp kernel takes batch tiles of 8: 37 rows = 8 + 8 + 8 + 8 + 5.
+  const std::size_t before_w = sqllm_emu::launches().size();
+  check_fast_kernel(make_problem(37, 512, 33, 3, false, DType::BF16, true, 204, 8), Kernel::Warp);
+  CHECK(sqllm_emu::launches().size() - before_w == 5);
+  check_fast(make_problem(13, 1024, 20, 4, false, DType::F16, true, 205, 8));
+  check_fast(make_problem(9, 2048, 7, 2, false, DType::F32, false, 206, 4));
   Problem p = make_problem(1, 64, 8, 3, false, DType::F16, false, 203);
   p.batch = 0;
   const std::size_t n0 = sqllm_emu::launches().size();
@@ -523,15 +572,20 @@ TEST_CASE("dequantize equals the table values (plus the sparse part) rounded onc
 TEST_CASE("launch failures raise RuntimeFailure naming the launch and the problem", "[cuda_emu]") {
   Problem p = make_problem(2, 64, 8, 3, false, DType::F16, false, 700);
   auto y = sentinel_y(p);
-  sqllm_emu::fail_next_launch(cudaErrorLaunchOutOfResources);
-  try {
-    sqllm::cuda::lut_matmul(p.args(y.data()));
-    FAIL("no exception");
-  } catch (const sqllm::RuntimeFailure& e) {
-    const std::string m = e.what();
-    CHECK(m.find("fast LUT GEMV launch failed") != std::string::npos);
-    CHECK(m.find("cudaErrorLaunchOutOfResources") != std::string::npos);
-    CHECK(m.find("bits=3") != std::string::npos);
+  for (Kernel k : {Kernel::Tiled, Kernel::Auto}) {  // Auto takes the warp kernel here (2 rows)
+    LutMatmulArgs a = p.args(y.data());
+    a.kernel = k;
+    sqllm_emu::fail_next_launch(cudaErrorLaunchOutOfResources);
+    try {
+      sqllm::cuda::lut_matmul(a);
+      FAIL("no exception");
+    } catch (const sqllm::RuntimeFailure& e) {
+      const std::string m = e.what();
+      CHECK(m.find(k == Kernel::Tiled ? "fast LUT GEMV launch failed" : "warp LUT GEMV launch failed") !=
+            std::string::npos);
+      CHECK(m.find("cudaErrorLaunchOutOfResources") != std::string::npos);
+      CHECK(m.find("bits=3") != std::string::npos);
+    }
   }
   LutMatmulArgs a = p.args(y.data());
   a.kernel = Kernel::Exact;

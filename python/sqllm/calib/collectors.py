@@ -1,0 +1,239 @@
+"""Statistics collectors: one protocol for Hessian, activation statistics and Fisher.
+
+A collector gathers one kind of statistic for a set of ``nn.Linear`` layers.
+Block-scoped collectors (``scope = "block"``) attach forward hooks to the
+Linears of one decoder block and accumulate over every forward call until
+:meth:`Collector.detach`; the model-scoped Fisher collector (``scope =
+"model"``) needs gradients of the whole model and runs as a pre-pass.
+
+Every collector reduces its result to a dict of tensors per layer
+(:meth:`Collector.layer_state`), which is what a stats directory stores, and
+turns such dicts back into the entries methods read
+(:meth:`Collector.publish`): ``stats[name][layer]`` and, where a count goes
+with it, ``stats[name + "_count"][layer]``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Dict, List, Optional, Type
+
+import torch
+from torch import nn
+
+__all__ = ["Collector", "HessianCollector", "ActStatsCollector", "FisherCollector",
+           "COLLECTORS", "get_collector"]
+
+log = logging.getLogger(__name__)
+
+COLLECTORS: Dict[str, Type["Collector"]] = {}
+
+
+def _register(cls: Type["Collector"]) -> Type["Collector"]:
+    COLLECTORS[cls.name] = cls
+    return cls
+
+
+def get_collector(name: str) -> Type["Collector"]:
+    if name not in COLLECTORS:
+        raise ValueError(f"unknown statistics collector {name!r}; available: {sorted(COLLECTORS)}")
+    return COLLECTORS[name]
+
+
+def _rows(x: torch.Tensor, in_features: int, layer: str) -> torch.Tensor:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"layer {layer!r}: input's last dimension is {x.shape[-1]}, "
+                         f"expected in_features={in_features}")
+    return x.detach().reshape(-1, in_features)
+
+
+class Collector:
+    """Base class.  Subclasses set ``name``/``scope`` and implement the hooks' update.
+
+    Use::
+
+        c = HessianCollector()
+        c.attach(layers)          # name -> nn.Linear
+        ...run forwards...
+        c.detach()
+        states = {n: c.layer_state(n) for n in layers}   # tensors, for a stats dir
+        stats.update(c.publish(states))                  # entries methods read
+    """
+
+    name: ClassVar[str] = ""
+    scope: ClassVar[str] = "block"
+
+    def __init__(self) -> None:
+        self._hooks: List[torch.utils.hooks.RemovableHandle] = []
+        self.layers: Dict[str, nn.Linear] = {}
+
+    def attach(self, layers: Dict[str, nn.Linear]) -> None:
+        """Start accumulating on ``layers`` (forward hooks on each Linear)."""
+        if self._hooks:
+            raise RuntimeError(f"{self.name} collector is already attached")
+        self.layers = dict(layers)
+        for lname, lin in self.layers.items():
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"layer {lname!r} is a {type(lin).__name__}, not an nn.Linear")
+            self._init_layer(lname, lin)
+
+            def hook(mod: nn.Module, inputs: Any, output: Any, lname: str = lname) -> None:
+                self._update(lname, mod, inputs[0])
+
+            self._hooks.append(lin.register_forward_hook(hook))
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _init_layer(self, name: str, linear: nn.Linear) -> None:
+        raise NotImplementedError
+
+    def _update(self, name: str, linear: nn.Linear, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def layer_state(self, name: str) -> Dict[str, torch.Tensor]:
+        """The statistic of one layer as CPU tensors (what a stats dir stores)."""
+        raise NotImplementedError
+
+    def publish(self, states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
+        """Per-layer states -> the ``stats`` entries a method reads."""
+        raise NotImplementedError
+
+
+@_register
+class HessianCollector(Collector):
+    """H = XᵀX of each Linear's input, X the (tokens, in_features) rows of every call.
+
+    Products and sums are float64 (the sum over a long calibration set is then
+    exact to ~1e-16 relative per term, which GPTQ's Cholesky needs).
+    ``stats["hessian"][layer]`` is the float64 (in, in) sum, not divided by the
+    count; ``stats["hessian_count"][layer]`` is the number of rows (an int).
+    """
+
+    name = "hessian"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._h: Dict[str, torch.Tensor] = {}
+        self._n: Dict[str, int] = {}
+        # Linears fed the same tensor (q/k/v, gate/up) share one product per call.
+        self._last_x: Optional[torch.Tensor] = None
+        self._last_version = -1
+        self._last_xtx: Optional[torch.Tensor] = None
+
+    def _init_layer(self, name: str, linear: nn.Linear) -> None:
+        dev = linear.weight.device
+        self._h[name] = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64,
+                                    device=dev if dev.type != "meta" else "cpu")
+        self._n[name] = 0
+
+    def _update(self, name: str, linear: nn.Linear, x: torch.Tensor) -> None:
+        if x is self._last_x and x._version == self._last_version:
+            xtx = self._last_xtx
+        else:
+            rows = _rows(x, linear.in_features, name).to(self._h[name].device, torch.float64)
+            xtx = rows.T @ rows
+            self._last_x, self._last_version, self._last_xtx = x, x._version, xtx
+        self._h[name] += xtx
+        self._n[name] += x.numel() // linear.in_features
+
+    def detach(self) -> None:
+        super().detach()
+        self._last_x = self._last_xtx = None
+
+    def layer_state(self, name: str) -> Dict[str, torch.Tensor]:
+        return {"hessian": self._h[name].cpu(),
+                "count": torch.tensor(self._n[name], dtype=torch.int64)}
+
+    def publish(self, states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
+        return {"hessian": {n: s["hessian"] for n, s in states.items()},
+                "hessian_count": {n: int(s["count"]) for n, s in states.items()}}
+
+
+@_register
+class ActStatsCollector(Collector):
+    """Per input channel of each Linear: max |x|, mean |x| and mean x over all rows.
+
+    ``stats["act_stats"][layer]`` is a dict with ``max_abs`` (float32),
+    ``mean_abs`` and ``mean`` (float64, sums divided by the count) and
+    ``count`` (int, the number of rows); ``stats["act_stats_count"][layer]`` is
+    the count again.
+    """
+
+    name = "act_stats"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._max: Dict[str, torch.Tensor] = {}
+        self._sum_abs: Dict[str, torch.Tensor] = {}
+        self._sum: Dict[str, torch.Tensor] = {}
+        self._n: Dict[str, int] = {}
+
+    def _init_layer(self, name: str, linear: nn.Linear) -> None:
+        dev = linear.weight.device
+        dev = dev if dev.type != "meta" else torch.device("cpu")
+        k = linear.in_features
+        self._max[name] = torch.zeros(k, dtype=torch.float32, device=dev)
+        self._sum_abs[name] = torch.zeros(k, dtype=torch.float64, device=dev)
+        self._sum[name] = torch.zeros(k, dtype=torch.float64, device=dev)
+        self._n[name] = 0
+
+    def _update(self, name: str, linear: nn.Linear, x: torch.Tensor) -> None:
+        rows = _rows(x, linear.in_features, name).to(self._sum[name].device, torch.float64)
+        if rows.shape[0] == 0:
+            return
+        a = rows.abs()
+        torch.maximum(self._max[name], a.amax(dim=0).float(), out=self._max[name])
+        self._sum_abs[name] += a.sum(dim=0)
+        self._sum[name] += rows.sum(dim=0)
+        self._n[name] += rows.shape[0]
+
+    def layer_state(self, name: str) -> Dict[str, torch.Tensor]:
+        return {"max_abs": self._max[name].cpu(), "sum_abs": self._sum_abs[name].cpu(),
+                "sum": self._sum[name].cpu(),
+                "count": torch.tensor(self._n[name], dtype=torch.int64)}
+
+    def publish(self, states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
+        out: Dict[str, Any] = {}
+        for n, s in states.items():
+            cnt = int(s["count"])
+            d = max(cnt, 1)
+            out[n] = {"max_abs": s["max_abs"], "mean_abs": s["sum_abs"] / d,
+                      "mean": s["sum"] / d, "count": cnt}
+        return {"act_stats": out, "act_stats_count": {n: v["count"] for n, v in out.items()}}
+
+
+@_register
+class FisherCollector(Collector):
+    """The Fisher diagonal (squared LM-loss gradients), :func:`sqllm.fisher_diagonal`.
+
+    Model-scoped: it needs a backward pass through the whole model, so the
+    streamer runs it once before the blocks (on the full model in memory)
+    through :meth:`collect_model`.  ``stats["fisher"][layer]`` is float32 shaped
+    like the weight.
+    """
+
+    name = "fisher"
+    scope = "model"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._f: Dict[str, torch.Tensor] = {}
+
+    def attach(self, layers: Dict[str, nn.Linear]) -> None:
+        raise RuntimeError("the Fisher collector needs gradients of the whole model; "
+                           "use collect_model()")
+
+    def collect_model(self, model: nn.Module, layers: Dict[str, nn.Linear],
+                      batches: torch.Tensor, progress: bool = True) -> None:
+        from ..calibration import fisher_diagonal
+
+        self.layers = dict(layers)
+        self._f = fisher_diagonal(model, batches, self.layers, progress=progress)
+
+    def layer_state(self, name: str) -> Dict[str, torch.Tensor]:
+        return {"fisher": self._f[name]}
+
+    def publish(self, states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
+        return {"fisher": {n: s["fisher"] for n, s in states.items()}}
