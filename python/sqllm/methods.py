@@ -130,7 +130,7 @@ class SqueezeLLM(QuantMethod):
 
     name = "squeezellm"
     needs_calibration = True
-    stats = ("fisher",)
+    stats = ("fisher", "hessian")
 
     group_axis: str = "row"
     kmeans: str = "exact"
@@ -150,36 +150,33 @@ class SqueezeLLM(QuantMethod):
             raise ValueError(f"sensitive_fraction must be in [0, 1], got {self.sensitive_fraction}")
         QuantLinear.check_supports(bits=self.bits, group_axis=self.group_axis,
                                    sparse=self.sparsity > 0)
-        stats = []
-        if self.weighted:
-            stats.append("fisher")
         if self.gptq:
-            if self.group_axis not in ("row",):
+            if self.group_axis != "row":
                 raise ValueError("squeezellm with gptq=True needs group_axis='row' (one table per "
                                  f"row), got {self.group_axis!r}")
             if self.sparsity:
                 raise ValueError("squeezellm with gptq=True is dense-only (sparsity=0), got "
                                  f"sparsity={self.sparsity}")
-            stats.append("hessian")
-        self.stats = tuple(stats)  # type: ignore[misc]  # per instance: depends on options
-        self.needs_calibration = bool(stats)
+        self.needs_calibration = bool(self.required_stats())
 
     def required_stats(self) -> Tuple[str, ...]:
-        return tuple(self.stats)
+        return tuple(s for s in self.stats
+                     if (s == "fisher" and self.weighted) or (s == "hessian" and self.gptq))
 
     def collect(self, model: nn.Module, layers: Dict[str, nn.Linear],
                 batches: Optional[torch.Tensor], progress: bool) -> Dict[str, Any]:
-        if not self.stats:
+        needed = self.required_stats()
+        if not needed:
             return {}
         if batches is None:
             raise ValueError("squeezellm needs calibration data for the Fisher diagonal "
                              "(pass calibration=..., a precomputed sensitivity=, or weighted=False)")
         out: Dict[str, Any] = {}
-        if "fisher" in self.stats:
+        if "fisher" in needed:
             from .calibration import fisher_diagonal
 
             out["fisher"] = fisher_diagonal(model, batches, layers, progress=progress)
-        if "hessian" in self.stats:
+        if "hessian" in needed:
             from .gptq import collect_hessians
 
             out.update(collect_hessians(model, layers, batches, progress=progress))

@@ -63,6 +63,10 @@ class UniformQuantLinear(QuantLinearBase):
     """
 
     format = "uniform"
+    format_version = 1
+    layer_params = {"bits": int, "group_size": int, "g_idx": bool}
+    supports = {"bits": tuple(range(2, 9)), "group_size": (-1, 32, 64, 128), "sparse": False,
+                "devices": ("cpu",)}
     #: fp16 grid parameters are part of the format: a model-wide .half()/.to(dtype)
     #: moves them but never converts them.
     _FIXED_DTYPE_BUFFERS = ("scales", "zeros")

@@ -85,8 +85,7 @@ def test_method_instance_and_options_of_every_registered_method():
 
 
 def _v2_dict():
-    # lut layers (the parameter checks below name the lut format); no calibration needed
-    return _quantized(method="squeezellm", weighted=False).config.quantization_config
+    return _quantized(method="rtn").config.quantization_config
 
 
 def _set(d, path, value):
@@ -104,13 +103,13 @@ _Q = "model.layers.0.self_attn.q_proj"
 
 
 @pytest.mark.parametrize("path,value,message", [
-    (("method",), "vptq-nope", r"unknown method 'vptq-nope'; this sqllm knows \[.*'rtn', 'squeezellm'"),
+    (("method",), "vptq-nope", r"unknown method 'vptq-nope'; this sqllm knows \['gptq', 'rtn', 'squeezellm'"),
     (("method",), _DELETE, r"quantization_config lacks the key 'method'"),
     (("layers",), _DELETE, r"lacks the key 'layers'"),
     (("layers",), [], r"quantization_config.layers must be an object, got list"),
     (("options", "bits"), "3", r"options.bits must be an int, got str '3'"),
     (("options", "bits"), True, r"options.bits must be an int, got bool"),
-    (("options", "group_size"), 64, r"method 'squeezellm' has no option\(s\) \['group_size'\]"),
+    (("options", "sparsity"), 0.1, r"method 'rtn' has no option\(s\) \['sparsity'\]"),
     (("format_version",), 3, r"format_version 3 was written by a newer sqllm.*reads "
                              r"format_version 1..2: upgrade sqllm"),
     (("format_version",), "2", r"format_version must be an int"),
@@ -122,13 +121,13 @@ _Q = "model.layers.0.self_attn.q_proj"
     (("sqllm_version",), _DELETE, r"lacks the key 'sqllm_version'"),
     (("layers", _Q, "format"), "vq-nope",
      rf"layers\['{_Q}'\]: unknown quantized layer format 'vq-nope'"),
-    (("layers", _Q, "format_version"), 7, r"format 'lut' version 7 is not supported .*versions 1..1"),
+    (("layers", _Q, "format_version"), 7, r"format 'uniform' version 7 is not supported .*versions 1..1"),
     (("layers", _Q, "in_features"), _DELETE, rf"layers\['{_Q}'\] lacks the key 'in_features'"),
     (("layers", _Q, "in_features"), 0, r"in_features and out_features must be > 0"),
     (("layers", _Q, "bias"), "no", r"bias must be a bool"),
     (("layers", _Q, "params", "bits"), 3.0, r"params.bits must be an int, got float"),
-    (("layers", _Q, "params", "nnz"), _DELETE, r"params lacks the key 'nnz'"),
-    (("layers", _Q, "params", "group_size"), 128, r"format 'lut' has no parameter\(s\) \['group_size'\]"),
+    (("layers", _Q, "params", "group_size"), _DELETE, r"params lacks the key 'group_size'"),
+    (("layers", _Q, "params", "group_axis"), "row", r"format 'uniform' has no parameter\(s\) \['group_axis'\]"),
     (("layers", _Q, "bits"), 3, r"has unknown key\(s\) \['bits'\]"),
 ])
 def test_invalid_configs_raise_clear_errors(path, value, message):
