@@ -173,13 +173,25 @@ inline int vq_threads(int nt) {
 
 /// The group codebooks' share of y for vector rows [0, rows_main): V is a
 /// compile-time vector length so one centroid is a few SIMD registers; codes
-/// of a row are decoded 64 bits at a time; at most 16 batch rows per pass.
+/// of a row are decoded 64 bits at a time; batches of 2+ rows go 16 rows per
+/// pass with the batch in the SIMD lanes.
 template <int V>
 void vq_matmul_main(const VqView& q, const float* xt, std::size_t N, float* y, int nt) {
-  const std::size_t W = q.words(), nrows = q.rows_main();
+  constexpr std::size_t NB = 16;  // batch rows per pass (the lanes of the batched path)
+  const std::size_t W = q.words(), nrows = q.rows_main(), in = q.in;
   const int B = q.index_bits(), mb = q.main_bits();
   const std::uint32_t mmask = static_cast<std::uint32_t>(q.k - 1);
   const std::uint64_t cmask = (std::uint64_t{1} << B) - 1u;
+  // Batched path: x~ re-laid out position-major in blocks of NB batch rows
+  // (xb[blk][j][lane], zero-padded), so one slot's NB activations are contiguous
+  // and each centroid coordinate multiplies NB lanes at once.
+  const std::size_t nblk = (N + NB - 1) / NB;
+  std::vector<float> xb;
+  if (N > 1) {
+    xb.assign(nblk * in * NB, 0.0f);
+    for (std::size_t b = 0; b < N; ++b)
+      for (std::size_t j = 0; j < in; ++j) xb[((b / NB) * in + j) * NB + b % NB] = xt[b * in + j];
+  }
   std::exception_ptr error;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -187,15 +199,15 @@ void vq_matmul_main(const VqView& q, const float* xt, std::size_t N, float* y, i
   for (std::ptrdiff_t rr = 0; rr < static_cast<std::ptrdiff_t>(nrows); ++rr) {
     try {
       const std::size_t r = static_cast<std::size_t>(rr);
-      for (std::size_t b0 = 0; b0 < N; b0 += 16) {
-        const std::size_t nb = std::min<std::size_t>(16, N - b0);
-        float acc[16][V] = {};
+      for (std::size_t blk = 0; blk < (N > 1 ? nblk : 1); ++blk) {
+        float acc1[V] = {};     // N == 1: one batch row, SIMD over the vector
+        float accb[V][NB] = {};  // N > 1: SIMD over NB batch rows
         for (std::size_t g = 0; g < q.num_groups; ++g) {
           const std::uint32_t* row = q.indices + (g * nrows + r) * W;
           const float* C = q.centroids + g * q.k * V;
           const float* R = q.res_centroids ? q.res_centroids + g * q.k_res * V : nullptr;
           const std::size_t j0 = q.outlier_size + g * q.group_size;
-          const std::size_t n = std::min(q.group_size, q.in - j0);
+          const std::size_t n = std::min(q.group_size, in - j0);
           std::size_t bit = 0;
           for (std::size_t c = 0; c < n; ++c, bit += static_cast<std::size_t>(B)) {
             const std::size_t w = bit >> 5;
@@ -210,16 +222,20 @@ void vq_matmul_main(const VqView& q, const float* xt, std::size_t N, float* y, i
             } else {
               for (int t = 0; t < V; ++t) vec[t] = cv[t];
             }
-            const float* xj = xt + b0 * q.in + j0 + c;
-            for (std::size_t b = 0; b < nb; ++b) {
-              const float xv = xj[b * q.in];
-              for (int t = 0; t < V; ++t) acc[b][t] += xv * vec[t];
+            if (N == 1) {
+              const float xv = xt[j0 + c];
+              for (int t = 0; t < V; ++t) acc1[t] += xv * vec[t];
+            } else {
+              const float* xl = xb.data() + (blk * in + j0 + c) * NB;
+              for (int t = 0; t < V; ++t)
+                for (std::size_t l = 0; l < NB; ++l) accb[t][l] += vec[t] * xl[l];
             }
           }
         }
+        const std::size_t nb = N == 1 ? 1 : std::min(NB, N - blk * NB);
         for (std::size_t b = 0; b < nb; ++b)
           for (std::size_t t = 0; t < static_cast<std::size_t>(V) && r * V + t < q.out; ++t)
-            y[(b0 + b) * q.out + r * V + t] += acc[b][t];
+            y[(blk * NB + b) * q.out + r * V + t] += N == 1 ? acc1[t] : accb[t][b];
       }
     } catch (...) {
 #ifdef _OPENMP
@@ -275,6 +291,7 @@ inline void vq_dequantize(const VqView& q, float* Wout, int num_threads = 0) {
 
 /// y (N x out) = x (N x in) W^T, fp32, without materialising W.
 inline void vq_matmul(const VqView& q, const float* x, std::size_t N, float* y, int num_threads = 0) {
+  if (N == 0) return;
   const int nt = detail::vq_threads(num_threads);
   // x~ (N x in, position order) and beta.
   std::vector<float> xt(N * q.in);
