@@ -33,6 +33,10 @@
 #include "sqllm/error.hpp"
 #include "sqllm/packing.hpp"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -202,6 +206,10 @@ void vq_matmul_main(const VqView& q, const float* xt, std::size_t N, float* y, i
       for (std::size_t blk = 0; blk < (N > 1 ? nblk : 1); ++blk) {
         float acc1[V] = {};     // N == 1: one batch row, SIMD over the vector
         float accb[V][NB] = {};  // N > 1: SIMD over NB batch rows
+#if defined(__AVX512F__)
+        __m512 zacc[V];
+        for (int t = 0; t < V; ++t) zacc[t] = _mm512_setzero_ps();
+#endif
         for (std::size_t g = 0; g < q.num_groups; ++g) {
           const std::uint32_t* row = q.indices + (g * nrows + r) * W;
           const float* C = q.centroids + g * q.k * V;
@@ -227,11 +235,19 @@ void vq_matmul_main(const VqView& q, const float* xt, std::size_t N, float* y, i
               for (int t = 0; t < V; ++t) acc1[t] += xv * vec[t];
             } else {
               const float* xl = xb.data() + (blk * in + j0 + c) * NB;
+#if defined(__AVX512F__)
+              const __m512 xv = _mm512_loadu_ps(xl);
+              for (int t = 0; t < V; ++t) zacc[t] = _mm512_fmadd_ps(_mm512_set1_ps(vec[t]), xv, zacc[t]);
+#else
               for (int t = 0; t < V; ++t)
                 for (std::size_t l = 0; l < NB; ++l) accb[t][l] += vec[t] * xl[l];
+#endif
             }
           }
         }
+#if defined(__AVX512F__)
+        for (int t = 0; t < V; ++t) _mm512_storeu_ps(accb[t], zacc[t]);
+#endif
         const std::size_t nb = N == 1 ? 1 : std::min(NB, N - blk * NB);
         for (std::size_t b = 0; b < nb; ++b)
           for (std::size_t t = 0; t < static_cast<std::size_t>(V) && r * V + t < q.out; ++t)
