@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .methods import METHODS
 
@@ -299,6 +299,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
         q = read_quantization_config(args.folder)
         print(f"{args.folder}: {q.describe()}")
         print(f"calibration: {q.calibration.to_dict()}")
+        # Per layer kind: its parameters (codebook sizes, bits, ...) and the stored
+        # bits per weight, from empty layers of the recorded shapes (no tensors read).
+        kinds: Dict[Any, List[float]] = {}
+        for lf in q.layers.values():
+            layer = lf.build()
+            key = (lf.format, tuple(sorted(lf.params.items())))
+            kinds.setdefault(key, [0.0, 0.0, 0])
+            kinds[key][0] += layer.storage_bits()
+            kinds[key][1] += lf.in_features * lf.out_features
+            kinds[key][2] += 1
+        total_bits = sum(k[0] for k in kinds.values())
+        total_w = sum(k[1] for k in kinds.values())
+        for (fmt, params), (bits, weights, n) in kinds.items():
+            desc = ", ".join(f"{k}={v}" for k, v in params)
+            print(f"  {n} x {fmt} ({desc}): {bits / weights:.3f} bits/weight")
+        if total_w:
+            print(f"quantized layers: {total_bits / total_w:.3f} bits/weight (codes, codebooks/"
+                  "tables and side buffers; no bias)")
     return 0
 
 

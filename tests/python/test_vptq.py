@@ -315,7 +315,7 @@ def test_corrupt_upstream_indices_are_rejected(tmp_path):
         sqllm.load_quantized(tmp_path / "bad")
 
 
-def test_quantize_method_vptq_saves_and_loads(tmp_path, calib_ids, caplog):
+def test_quantize_method_vptq_saves_and_loads(tmp_path, calib_ids, caplog, capsys):
     model = make_tiny_llama()
     with caplog.at_level("INFO", logger="sqllm.vptq"):
         sqllm.quantize(model, method="vptq", calibration=calib_ids, progress=False,
@@ -327,5 +327,14 @@ def test_quantize_method_vptq_saves_and_loads(tmp_path, calib_ids, caplog):
     assert model.config.quantization_config["options"]["seed"] == 1
     ids = torch.randint(0, 256, (2, 16))
     before = model(ids).logits
-    loaded = sqllm.load_quantized(sqllm.save_quantized(model, tmp_path / "q"))
+    folder = sqllm.save_quantized(model, tmp_path / "q")
+    loaded = sqllm.load_quantized(folder)
     assert torch.equal(loaded(ids).logits, before)
+    from sqllm.cli import main
+
+    capsys.readouterr()
+    assert main(["info", str(folder)]) == 0
+    text = capsys.readouterr().out
+    bpw = sqllm.size_report(loaded)["quantized_bits_per_weight"]
+    assert "num_centroids=64, num_res_centroids=16" in text
+    assert f"quantized layers: {bpw:.3f} bits/weight" in text
