@@ -46,6 +46,30 @@ def gptq_uniform(weight: ArrayLike, hessian: ArrayLike, bits: int = 4, group_siz
 def gptq_lut(weight: ArrayLike, hessian: ArrayLike, tables: ArrayLike, bits: int,
              act_order: bool = False, blocksize: int = 128, percdamp: float = 0.01,
              num_threads: int = 0) -> Tuple[NDArray[np.uint32], NDArray[np.float32], float]: ...
+def vec_kmeans(points: ArrayLike, weights: Optional[ArrayLike] = None, k: int = 256,
+               iters: int = 100, tol: float = 1e-5, init: str = "random", seed: int = 0,
+               num_threads: int = 0, init_centroids: Optional[ArrayLike] = None
+               ) -> Dict[str, Any]: ...
+def vec_nearest(points: ArrayLike, centroids: ArrayLike, num_threads: int = 0
+                ) -> Tuple[NDArray[np.int32], NDArray[np.float32]]: ...
+def vptq_quantize(weight: ArrayLike, hessian: ArrayLike, v: int = 8, k: int = 4096,
+                  k_res: int = 0, outlier_cols: int = 0, v_out: int = 0, k_out: int = 0,
+                  group_num: int = 1, enable_perm: bool = True, enable_norm: bool = False,
+                  hessian_weights: bool = True, blocksize: int = 128, percdamp: float = 0.01,
+                  kiter: int = 100, ktol: float = 1e-5, init: str = "random", seed: int = 0,
+                  num_threads: int = 0) -> Dict[str, Any]: ...
+def vq_dequantize(out_features: int, in_features: int, v: int, k: int, k_res: int,
+                  group_num: int, group_size: int, indices: ArrayLike, centroids: ArrayLike,
+                  res_centroids: Optional[ArrayLike], outlier_size: int, v_out: int, k_out: int,
+                  outlier_indices: Optional[ArrayLike], outlier_centroids: Optional[ArrayLike],
+                  perm: Optional[ArrayLike], scale: Optional[ArrayLike],
+                  bias: Optional[ArrayLike]) -> NDArray[np.float32]: ...
+def vq_matmul(x: ArrayLike, out_features: int, in_features: int, v: int, k: int, k_res: int,
+              group_num: int, group_size: int, indices: ArrayLike, centroids: ArrayLike,
+              res_centroids: Optional[ArrayLike], outlier_size: int, v_out: int, k_out: int,
+              outlier_indices: Optional[ArrayLike], outlier_centroids: Optional[ArrayLike],
+              perm: Optional[ArrayLike], scale: Optional[ArrayLike], bias: Optional[ArrayLike],
+              num_threads: int = 0, validate: bool = True) -> NDArray[np.float32]: ...
 def uniform_matmul(x: ArrayLike, qweight: ArrayLike, scales: ArrayLike, zeros: ArrayLike,
                    g_idx: Optional[ArrayLike], bits: int, group_size: int, in_features: int,
                    num_threads: int = 0, checked: bool = False) -> NDArray[np.float32]: ...

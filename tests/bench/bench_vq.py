@@ -21,7 +21,6 @@ import torch
 
 sys.path.extend(p for p in os.environ.get("SQLLM_BENCH_EXTRA_PATH", "").split(":") if p)
 
-import sqllm  # noqa: E402
 from sqllm import _C  # noqa: E402
 from sqllm.nn_vq import VQQuantLinear  # noqa: E402
 
