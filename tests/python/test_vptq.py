@@ -338,3 +338,19 @@ def test_quantize_method_vptq_saves_and_loads(tmp_path, calib_ids, caplog, capsy
     bpw = sqllm.size_report(loaded)["quantized_bits_per_weight"]
     assert "num_centroids=64, num_res_centroids=16" in text
     assert f"quantized layers: {bpw:.3f} bits/weight" in text
+
+
+def test_vq_layer_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="num_centroids must be a power of two"):
+        VQQuantLinear(64, 32, vector_len=4, num_centroids=1000)
+    with pytest.raises(ValueError, match="vector_len must be in 2..16"):
+        VQQuantLinear(64, 32, vector_len=17, num_centroids=256)
+    with pytest.raises(ValueError, match="do not cover"):
+        VQQuantLinear(64, 32, vector_len=4, num_centroids=256, group_num=2, group_size=20)
+    with pytest.raises(ValueError, match="outliers need"):
+        VQQuantLinear(64, 32, vector_len=4, num_centroids=256, outlier_size=3)
+    # out not a multiple of v: padded rows are dropped by the decode
+    torch.manual_seed(3)
+    W = torch.randn(30, 24) * 0.1
+    layer = sqllm.vptq_quantize(W, correlated_hessian(24), v=8, k=16, kiter=5)
+    assert layer.indices.shape[1] == 4 and layer.dequantize().shape == (30, 24)
