@@ -33,7 +33,7 @@
 #include "sqllm/error.hpp"
 #include "sqllm/packing.hpp"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -209,6 +209,9 @@ void vq_matmul_main(const VqView& q, const float* xt, std::size_t N, float* y, i
 #if defined(__AVX512F__)
         __m512 zacc[V];
         for (int t = 0; t < V; ++t) zacc[t] = _mm512_setzero_ps();
+#elif defined(__AVX2__) && defined(__FMA__)
+        __m256 yacc[V][2];
+        for (int t = 0; t < V; ++t) yacc[t][0] = yacc[t][1] = _mm256_setzero_ps();
 #endif
         for (std::size_t g = 0; g < q.num_groups; ++g) {
           const std::uint32_t* row = q.indices + (g * nrows + r) * W;
@@ -238,6 +241,13 @@ void vq_matmul_main(const VqView& q, const float* xt, std::size_t N, float* y, i
 #if defined(__AVX512F__)
               const __m512 xv = _mm512_loadu_ps(xl);
               for (int t = 0; t < V; ++t) zacc[t] = _mm512_fmadd_ps(_mm512_set1_ps(vec[t]), xv, zacc[t]);
+#elif defined(__AVX2__) && defined(__FMA__)
+              const __m256 xa = _mm256_loadu_ps(xl), xb8 = _mm256_loadu_ps(xl + 8);
+              for (int t = 0; t < V; ++t) {
+                const __m256 vt = _mm256_set1_ps(vec[t]);
+                yacc[t][0] = _mm256_fmadd_ps(vt, xa, yacc[t][0]);
+                yacc[t][1] = _mm256_fmadd_ps(vt, xb8, yacc[t][1]);
+              }
 #else
               for (int t = 0; t < V; ++t)
                 for (std::size_t l = 0; l < NB; ++l) accb[t][l] += vec[t] * xl[l];
@@ -247,6 +257,11 @@ void vq_matmul_main(const VqView& q, const float* xt, std::size_t N, float* y, i
         }
 #if defined(__AVX512F__)
         for (int t = 0; t < V; ++t) _mm512_storeu_ps(accb[t], zacc[t]);
+#elif defined(__AVX2__) && defined(__FMA__)
+        for (int t = 0; t < V; ++t) {
+          _mm256_storeu_ps(accb[t], yacc[t][0]);
+          _mm256_storeu_ps(accb[t] + 8, yacc[t][1]);
+        }
 #endif
         const std::size_t nb = N == 1 ? 1 : std::min(NB, N - blk * NB);
         for (std::size_t b = 0; b < nb; ++b)
