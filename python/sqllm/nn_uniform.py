@@ -65,6 +65,8 @@ class UniformQuantLinear(QuantLinearBase):
     format = "uniform"
     format_version = 1
     layer_params = {"bits": int, "group_size": int, "g_idx": bool}
+    #: CUDA tensors run through dequantize + F.linear (no CUDA kernel yet), so
+    #: only the CPU is listed as a kernel device.
     supports = {"bits": tuple(range(2, 9)), "group_size": (-1, 32, 64, 128), "sparse": False,
                 "devices": ("cpu",)}
     #: fp16 grid parameters are part of the format: a model-wide .half()/.to(dtype)
@@ -198,10 +200,14 @@ class UniformQuantLinear(QuantLinearBase):
                          "dequantizing and using F.linear", self.out_features, self.in_features,
                          x2.device.type)
                 self._warned_fallback = True
-            w = self._cache.get("dense")
-            if w is None or w.device != x2.device:
+            bufs = (self.qweight, self.scales, self.zeros, self.g_idx)
+            key = [id(b) for b in bufs] + [_version_of(b) for b in bufs if b is not None]
+            hit = self._cache.get("dense")
+            if hit is not None and hit[0] == key and hit[1].device == x2.device:
+                w = hit[1]
+            else:  # rebuilt after .to() or an in-place change of a buffer
                 w = self.dequantize().to(x2.device)
-                self._cache["dense"] = w
+                self._cache["dense"] = (key, w)
             return torch.nn.functional.linear(x2.to(torch.float32), w)
         if not self._checked:
             self.validate()
