@@ -320,10 +320,13 @@ class VQQuantLinear(QuantLinearBase):
                 log.info("VQQuantLinear(%dx%d): no %s kernel for the vq format; dequantizing and "
                          "using F.linear", self.out_features, self.in_features, x2.device.type)
                 self._warned_fallback = True
-            w = self._cache.get("dense")
-            if w is None or w.device != x2.device:
+            key = tuple((id(b), b._version) if b is not None else None for b in self._buffer_list())
+            hit = self._cache.get("dense")
+            if hit is not None and hit[0] == key and hit[1].device == x2.device:
+                w = hit[1]
+            else:  # rebuilt after .to() or an in-place change of a buffer
                 w = self.dequantize().to(x2.device)
-                self._cache["dense"] = w
+                self._cache["dense"] = (key, w)
             return torch.nn.functional.linear(x2.to(torch.float32), w)
         xf = x2.detach().to(torch.float32).contiguous()
         if xf.shape[0] > GATHER_MAX_BATCH:
