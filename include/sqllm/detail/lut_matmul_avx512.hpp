@@ -1,0 +1,169 @@
+// sqllm/detail/lut_matmul_avx512.hpp -- the AVX-512 (F+BW+VL) path of the CPU
+// LUT matmul for 1..4-bit codes (not part of the public API).  Needs
+// AVX-512 F, BW, VL and VBMI (Ice Lake, Zen 4 and later).
+//
+// Sixteen consecutive codes starting at a multiple of 16 occupy 2*BITS <= 8
+// bytes starting on a byte boundary.  One 64-bit broadcast puts them in every
+// qword and vpmultishiftqb moves the bits of code l to the bottom of dword l
+// (the following codes above them).  Row grouping: the row's table, repeated
+// with period 2^BITS to 16 entries, sits in one zmm register and vpermps
+// (which reads the low 4 index bits) turns the 16 codes into 16 weights with
+// no mask: two shuffles per 16 weights before the FMAs.  Column grouping masks the codes and gathers from the per-column tables.
+// Each decoded group of 16 weights is multiplied with NB batch rows held in NB
+// accumulators.  Every function is compiled for AVX-512 by its target
+// attribute and only called after cpu_supports(CpuKernel::Avx512).
+#pragma once
+
+#include "sqllm/cpu_features.hpp"
+
+#if defined(SQLLM_X86_SIMD)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "sqllm/csr.hpp"
+#include "sqllm/packing.hpp"
+
+namespace sqllm {
+namespace detail {
+namespace avx512 {
+
+/// vpmultishiftqb control: byte k of dword l takes the 8 bits at offset
+/// BITS*l + 8k of the broadcast 64-bit word, so lane l holds code l in its
+/// low BITS bits (the following codes above them).
+template <int BITS>
+struct Decode16 {
+  alignas(64) std::uint8_t ctrl[64];
+  Decode16() {
+    for (int l = 0; l < 16; ++l)
+      for (int k = 0; k < 4; ++k) ctrl[4 * l + k] = static_cast<std::uint8_t>((BITS * l + 8 * k) % 64);
+  }
+};
+
+/// `raw`: the 2*BITS bytes of 16 codes in its low 64 bits.
+template <int BITS>
+SQLLM_TARGET_AVX512 inline __m512i decode16(__m128i raw, __m512i ctrl) {
+  return _mm512_multishift_epi64_epi8(ctrl, _mm512_broadcastq_epi64(raw));
+}
+
+/// Decode group g (16 codes, `raw` its bytes) and accumulate it into NB batch rows.
+template <int BITS, bool ROW, int NB>
+SQLLM_TARGET_AVX512 __attribute__((always_inline)) inline void step(
+    __m512* acc, __m128i raw, __m512i ctrl, __m512 tab, __m512i mask,
+    __m512i col_step, const float* tables, const float* xp, std::size_t g) {
+  constexpr std::size_t K = std::size_t{1} << BITS;
+  const __m512i idx = decode16<BITS>(raw, ctrl);
+  __m512 w;
+  if (ROW) {
+    w = _mm512_permutexvar_ps(idx, tab);
+  } else {
+    const float* base = tables + g * 16 * K;
+    w = _mm512_i32gather_ps(_mm512_add_epi32(_mm512_and_si512(idx, mask), col_step), base, 4);
+  }
+  SQLLM_UNROLL
+  for (int b = 0; b < NB; ++b)
+    acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + (g * NB + b) * 16), acc[b]);
+}
+
+/// One output row o, batch rows [b0, b0+NB): y[b, o] = sum_i x[b, i] Ŵ[o, i].
+/// xp: those rows of x interleaved by groups (pack_x), the main loop's only x.
+template <int BITS, bool ROW, int NB>
+SQLLM_TARGET_AVX512 inline void row_kernel(const float* x, const float* xp, std::size_t in, std::size_t out,
+                                           const std::uint32_t* codes, const float* tables,
+                                           const CsrView* csr, float* y, std::size_t o,
+                                           std::size_t b0) {
+  constexpr std::size_t K = std::size_t{1} << BITS;
+  static const Decode16<BITS> dec;
+  const __m512i ctrl = _mm512_load_si512(dec.ctrl);
+  const std::size_t words = packed_words(in, BITS);
+  const std::uint32_t* row = codes + o * words;
+  const auto* bytes = reinterpret_cast<const unsigned char*>(row);
+  const std::size_t row_bytes = words * 4;
+  const std::size_t groups = in / 16;
+  // Groups whose 8-byte load stays inside the row; the rest load masked.
+  std::size_t safe = 0;
+  if (row_bytes >= 8) safe = std::min(groups, (row_bytes - 8) / (2 * BITS) + 1);
+
+  __m512 tab = _mm512_setzero_ps();
+  if (ROW) {
+    alignas(64) float lut[16];
+    for (std::size_t k = 0; k < 16; ++k) lut[k] = tables[o * K + k % K];  // period 2^BITS
+    tab = _mm512_load_ps(lut);
+  }
+  const __m512i col_step = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(K)));
+  const __m512i mask = _mm512_set1_epi32(static_cast<int>(K) - 1);
+
+  // CH independent accumulators per batch row hide the FMA latency when NB is small.
+  constexpr int CH = NB >= 4 ? 1 : 4 / NB;
+  __m512 acc[CH * NB];
+  SQLLM_UNROLL
+  for (int a = 0; a < CH * NB; ++a) acc[a] = _mm512_setzero_ps();
+  std::size_t g = 0;
+  const std::size_t safe_main = safe - safe % CH;
+  for (; g < safe_main; g += CH) {
+    SQLLM_UNROLL
+    for (int c = 0; c < CH; ++c)
+      step<BITS, ROW, NB>(acc + c * NB,
+                          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + (g + c) * 2 * BITS)),
+                          ctrl, tab, mask, col_step, tables, xp, g + c);
+  }
+  for (; g < safe; ++g)
+    step<BITS, ROW, NB>(acc, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + g * 2 * BITS)),
+                        ctrl, tab, mask, col_step, tables, xp, g);
+  for (; g < groups; ++g) {
+    const std::size_t off = g * 2 * BITS;
+    const auto m = static_cast<__mmask16>((1u << std::min<std::size_t>(8, row_bytes - off)) - 1u);
+    step<BITS, ROW, NB>(acc, _mm_maskz_loadu_epi8(m, bytes + off), ctrl, tab, mask,
+                        col_step, tables, xp, g);
+  }
+  SQLLM_UNROLL
+  for (int c = 1; c < CH; ++c)
+    SQLLM_UNROLL
+    for (int b = 0; b < NB; ++b) acc[b] = _mm512_add_ps(acc[b], acc[c * NB + b]);
+  float s[NB];
+  for (int b = 0; b < NB; ++b) s[b] = _mm512_reduce_add_ps(acc[b]);
+  for (std::size_t i = groups * 16; i < in; ++i) {  // tail
+    const std::uint32_t c = get_code(row, i, BITS);
+    const float w = ROW ? tables[o * K + c] : tables[i * K + c];
+    for (int b = 0; b < NB; ++b) s[b] += w * x[(b0 + b) * in + i];
+  }
+  if (csr != nullptr) {
+    for (std::int32_t k = csr->row_ptr[o]; k < csr->row_ptr[o + 1]; ++k) {
+      const float v = half_bits_to_float(csr->values[k]);
+      const std::size_t i = static_cast<std::size_t>(csr->col_idx[k]);
+      for (int b = 0; b < NB; ++b) s[b] += v * x[(b0 + b) * in + i];
+    }
+  }
+  for (int b = 0; b < NB; ++b) y[(b0 + b) * out + o] = s[b];
+}
+
+/// All batch rows of output row o (xp: x packed by pack_x<16>), at most 8 per pass over the row's codes
+/// (the codes stay in L1 between passes).
+template <int BITS, bool ROW>
+SQLLM_TARGET_AVX512 void rows(const float* x, const float* xp, std::size_t batch, std::size_t in, std::size_t out,
+                              const std::uint32_t* codes, const float* tables, const CsrView* csr,
+                              float* y, std::size_t o) {
+  for (std::size_t b0 = 0; b0 < batch; b0 += 8) {
+    const float* xc = xp + b0 * (in / 16) * 16;  // this chunk of pack_x's layout
+    switch (std::min<std::size_t>(8, batch - b0)) {
+      case 1: row_kernel<BITS, ROW, 1>(x, xc, in, out, codes, tables, csr, y, o, b0); break;
+      case 2: row_kernel<BITS, ROW, 2>(x, xc, in, out, codes, tables, csr, y, o, b0); break;
+      case 3: row_kernel<BITS, ROW, 3>(x, xc, in, out, codes, tables, csr, y, o, b0); break;
+      case 4: row_kernel<BITS, ROW, 4>(x, xc, in, out, codes, tables, csr, y, o, b0); break;
+      case 5: row_kernel<BITS, ROW, 5>(x, xc, in, out, codes, tables, csr, y, o, b0); break;
+      case 6: row_kernel<BITS, ROW, 6>(x, xc, in, out, codes, tables, csr, y, o, b0); break;
+      case 7: row_kernel<BITS, ROW, 7>(x, xc, in, out, codes, tables, csr, y, o, b0); break;
+      default: row_kernel<BITS, ROW, 8>(x, xc, in, out, codes, tables, csr, y, o, b0); break;
+    }
+  }
+}
+
+}  // namespace avx512
+}  // namespace detail
+}  // namespace sqllm
+
+#endif  // SQLLM_X86_SIMD
