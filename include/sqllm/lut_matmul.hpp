@@ -8,7 +8,8 @@
 // row's (or the columns') lookup table and multiplies that block with every
 // batch row while it is in cache.  fp32 accumulate; OpenMP over output rows.
 //
-// Paths (batches below kGemmMinBatch; larger ones decode tiles and use GEMM):
+// Paths (batches below kGemmMinBatch; larger ones decode tiles of Ŵ with the
+// same path's row decoder and multiply them with Eigen's GEMM):
 //   avx512  1..4 bits: in-register table, vpermps on 16 codes (detail/lut_matmul_avx512.hpp)
 //   avx2    1..4 bits: in-register table, vpermps on 8 codes (detail/lut_matmul_avx2.hpp)
 //   scalar  every width: decode 32 codes, then a dot product (portable C++)
@@ -79,10 +80,27 @@ constexpr std::size_t kGemmMinBatch = 64;
 /// Large batches (prefill): decode a tile of TILE rows of Ŵ into a
 /// thread-local buffer and multiply it with all of x through Eigen's GEMM, so
 /// the arithmetic runs at BLAS speed while Ŵ is never materialised whole.
+/// Decodes row o of Ŵ into dst[0..in): decode_row or a SIMD one.
+using DecodeRowFn = void (*)(const std::uint32_t* codes, const float* tables, std::size_t in,
+                             std::size_t o, float* dst);
+
+template <int BITS, bool ROW>
+DecodeRowFn pick_decode_row(CpuKernel kernel) {
+#ifdef SQLLM_X86_SIMD
+  if constexpr (BITS <= 4) {
+    if (kernel == CpuKernel::Avx512) return &avx512::decode_row<BITS, ROW>;
+    if (kernel == CpuKernel::Avx2) return &avx2::decode_row<BITS, ROW>;
+  }
+#endif
+  (void)kernel;
+  return &decode_row<BITS, ROW>;
+}
+
 template <int BITS, bool ROW>
 void lut_matmul_gemm(const float* x, std::size_t batch, std::size_t in, std::size_t out,
                      const std::uint32_t* codes, const float* tables, const CsrView* csr,
-                     float* y, int num_threads) {
+                     float* y, int num_threads, CpuKernel kernel) {
+  const DecodeRowFn decode = pick_decode_row<BITS, ROW>(kernel);
   using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   constexpr std::size_t TILE = 64;
   const std::ptrdiff_t ntiles = static_cast<std::ptrdiff_t>((out + TILE - 1) / TILE);
@@ -101,7 +119,7 @@ void lut_matmul_gemm(const float* x, std::size_t batch, std::size_t in, std::siz
       const std::size_t o0 = static_cast<std::size_t>(t) * TILE;
       const std::size_t nr = std::min(TILE, out - o0);
       for (std::size_t r = 0; r < nr; ++r)
-        decode_row<BITS, ROW>(codes, tables, in, o0 + r, tile.data() + r * in);
+        decode(codes, tables, in, o0 + r, tile.data() + r * in);
       Eigen::Map<RowMat, 0, Eigen::OuterStride<>> Y(y + o0, static_cast<Eigen::Index>(batch),
                                                    static_cast<Eigen::Index>(nr),
                                                    Eigen::OuterStride<>(static_cast<Eigen::Index>(out)));
@@ -226,9 +244,10 @@ void lut_matmul_impl(const float* x, std::size_t batch, std::size_t in, std::siz
 /// y = x · Ŵᵀ (+ sparse) with Ŵ given by packed codes and lookup tables.
 /// `csr` may be nullptr; it is validated here (check_csr) unless
 /// `csr_checked` is true (the caller validated it once at load time).
-/// `kernel` picks the path for batches below detail::kGemmMinBatch (Auto: the
-/// best the CPU supports, or SQLLM_CPU_KERNEL); a path the CPU lacks throws.
-/// Widths above 4 bits always take the scalar path there.
+/// `kernel` picks the path (Auto: the best the CPU supports, or
+/// SQLLM_CPU_KERNEL); a path the CPU lacks throws.  From detail::kGemmMinBatch
+/// rows on, it picks the decoder of the GEMM path's tiles.  Widths above 4 bits
+/// always take the scalar code.
 inline void lut_matmul(const float* x, std::size_t batch, std::size_t in, std::size_t out,
                        const std::uint32_t* codes, const float* tables, int bits, GroupAxis axis,
                        const CsrView* csr, float* y, int num_threads = 0,
@@ -244,7 +263,7 @@ inline void lut_matmul(const float* x, std::size_t batch, std::size_t in, std::s
   SQLLM_DISPATCH_BITS(bits, BITS, {
     if (batch >= detail::kGemmMinBatch) {
       (row ? detail::lut_matmul_gemm<BITS, true> : detail::lut_matmul_gemm<BITS, false>)(
-          x, batch, in, out, codes, tables, csr, y, num_threads);
+          x, batch, in, out, codes, tables, csr, y, num_threads, ker);
       return;
     }
 #ifdef SQLLM_X86_SIMD

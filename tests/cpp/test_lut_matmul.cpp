@@ -69,7 +69,7 @@ TEST_CASE("LUT matmul equals the reference exactly on integer data", "[lut_matmu
 TEST_CASE("every CPU kernel path equals the reference exactly on integer data",
           "[lut_matmul][dispatch]") {
   // Forced paths: the SIMD ones where this CPU has them (the others must refuse).
-  // Shapes: batch 1..17 across the 8-row blocking, `in` below, at and off the
+  // Shapes: batch 1..17 across the 8-row blocking, 64 and 65 (GEMM path), `in` below, at and off the
   // 8- and 16-code groups, and rows whose last group needs a short load.
   for (CpuKernel k : {CpuKernel::Scalar, CpuKernel::Avx2, CpuKernel::Avx512}) {
     if (!cpu_supports(k)) {
@@ -84,7 +84,8 @@ TEST_CASE("every CPU kernel path equals the reference exactly on integer data",
       for (GroupAxis axis : {GroupAxis::Row, GroupAxis::Column}) {
         for (auto shape : {std::vector<std::size_t>{1, 1, 1}, {3, 15, 1}, {5, 16, 2},
                            {7, 17, 4}, {9, 31, 8}, {33, 48, 9}, {6, 129, 16}, {4, 250, 17},
-                           {17, 512, 1}, {3, 1000, 5}, {2, 4099, 3}}) {
+                           {17, 512, 1}, {3, 1000, 5}, {2, 4099, 3}, {70, 37, 64},
+                           {5, 300, 65}}) {
           Problem p = integer_problem(shape[0], shape[1], shape[2], bits, axis,
                                       static_cast<unsigned>(bits * 1000 + shape[1] + shape[2]));
           std::vector<float> y(p.batch * p.out, -1.0f);

@@ -163,7 +163,7 @@ def test_every_cpu_kernel_path_is_exact_on_integer_data(kernel):
             _C.lut_matmul(x, packed, tables, 3, 20, "row", None, 0, False, kernel)
         return
     shapes = [(1, 1, 1), (5, 15, 1), (4, 16, 3), (7, 33, 4), (3, 100, 8), (6, 250, 9),
-              (2, 1027, 16), (9, 64, 17)]
+              (2, 1027, 16), (9, 64, 17), (70, 37, 64), (5, 300, 65)]
     for bits, axis, (out_f, in_f, batch) in itertools.product(range(1, 9), ("row", "column"), shapes):
         packed, tables, x, ref = _integer_lut_problem(rng, out_f, in_f, batch, bits, axis)
         y = _C.lut_matmul(x, packed, tables, bits, in_f, axis, None, 0, False, kernel)

@@ -137,6 +137,39 @@ SQLLM_TARGET_AVX2 inline void row_kernel(const float* x, const float* xp, std::s
   for (int b = 0; b < NB; ++b) y[(b0 + b) * out + o] = s[b];
 }
 
+/// Row o of Ŵ into dst[0..in) (the tiles of the large-batch GEMM path).
+template <int BITS, bool ROW>
+SQLLM_TARGET_AVX2 void decode_row(const std::uint32_t* codes, const float* tables, std::size_t in,
+                                  std::size_t o, float* dst) {
+  constexpr std::size_t K = std::size_t{1} << BITS;
+  const std::size_t words = packed_words(in, BITS);
+  const std::uint32_t* row = codes + o * words;
+  const auto* bytes = reinterpret_cast<const unsigned char*>(row);
+  const std::size_t row_bytes = words * 4;
+  std::size_t groups = in / 8;
+  while (groups > 0 && (groups - 1) * BITS + 4 > row_bytes) --groups;
+  alignas(32) float lut[16] = {0};
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  if (ROW) {
+    for (std::size_t k = 0; k < 16; ++k) lut[k] = tables[o * K + k % K];
+    lo = _mm256_load_ps(lut);
+    hi = _mm256_load_ps(lut + 8);
+  }
+  const __m256i col_step = _mm256_setr_epi32(0, K, 2 * K, 3 * K, 4 * K, 5 * K, 6 * K, 7 * K);
+  const __m256i mask = _mm256_set1_epi32(static_cast<int>(K) - 1);
+  for (std::size_t g = 0; g < groups; ++g) {
+    const __m256i idx = decode8<BITS>(bytes, g);
+    const __m256 w = ROW ? lookup<BITS>(idx, lo, hi)
+                         : _mm256_i32gather_ps(tables + g * 8 * K,
+                                               _mm256_add_epi32(_mm256_and_si256(idx, mask), col_step), 4);
+    _mm256_storeu_ps(dst + g * 8, w);
+  }
+  for (std::size_t i = groups * 8; i < in; ++i) {
+    const std::uint32_t c = get_code(row, i, BITS);
+    dst[i] = ROW ? tables[o * K + c] : tables[i * K + c];
+  }
+}
+
 template <int BITS, bool ROW>
 SQLLM_TARGET_AVX2 void rows(const float* x, const float* xp, std::size_t batch, std::size_t in, std::size_t out,
                  const std::uint32_t* codes, const float* tables, const CsrView* csr, float* y,

@@ -42,10 +42,24 @@ struct Decode16 {
   }
 };
 
+/// Sum of the 16 lanes (the all-ones masked forms here and below: GCC 12's
+/// unmasked intrinsics start from an "undefined" register that -Wuninitialized
+/// flags once inlined).
+SQLLM_TARGET_AVX512 inline float hsum(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  __m256 h = _mm256_add_ps(_mm256_load_ps(t), _mm256_load_ps(t + 8));
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+  return _mm_cvtss_f32(q);
+}
+
 /// `raw`: the 2*BITS bytes of 16 codes in its low 64 bits.
 template <int BITS>
 SQLLM_TARGET_AVX512 inline __m512i decode16(__m128i raw, __m512i ctrl) {
-  return _mm512_multishift_epi64_epi8(ctrl, _mm512_broadcastq_epi64(raw));
+  return _mm512_maskz_multishift_epi64_epi8(~__mmask64{0}, ctrl,
+                                            _mm512_maskz_broadcastq_epi64(0xFF, raw));
 }
 
 /// Decode group g (16 codes, `raw` its bytes) and accumulate it into NB batch rows.
@@ -57,10 +71,10 @@ SQLLM_TARGET_AVX512 __attribute__((always_inline)) inline void step(
   const __m512i idx = decode16<BITS>(raw, ctrl);
   __m512 w;
   if (ROW) {
-    w = _mm512_permutexvar_ps(idx, tab);
+    w = _mm512_maskz_permutexvar_ps(0xFFFF, idx, tab);
   } else {
     const float* base = tables + g * 16 * K;
-    w = _mm512_i32gather_ps(_mm512_add_epi32(_mm512_and_si512(idx, mask), col_step), base, 4);
+    w = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, _mm512_add_epi32(_mm512_and_si512(idx, mask), col_step), base, 4);
   }
   SQLLM_UNROLL
   for (int b = 0; b < NB; ++b)
@@ -125,7 +139,7 @@ SQLLM_TARGET_AVX512 inline void row_kernel(const float* x, const float* xp, std:
     SQLLM_UNROLL
     for (int b = 0; b < NB; ++b) acc[b] = _mm512_add_ps(acc[b], acc[c * NB + b]);
   float s[NB];
-  for (int b = 0; b < NB; ++b) s[b] = _mm512_reduce_add_ps(acc[b]);
+  for (int b = 0; b < NB; ++b) s[b] = hsum(acc[b]);
   for (std::size_t i = groups * 16; i < in; ++i) {  // tail
     const std::uint32_t c = get_code(row, i, BITS);
     const float w = ROW ? tables[o * K + c] : tables[i * K + c];
@@ -139,6 +153,46 @@ SQLLM_TARGET_AVX512 inline void row_kernel(const float* x, const float* xp, std:
     }
   }
   for (int b = 0; b < NB; ++b) y[(b0 + b) * out + o] = s[b];
+}
+
+/// Row o of Ŵ into dst[0..in) (the tiles of the large-batch GEMM path).
+template <int BITS, bool ROW>
+SQLLM_TARGET_AVX512 void decode_row(const std::uint32_t* codes, const float* tables, std::size_t in,
+                                    std::size_t o, float* dst) {
+  constexpr std::size_t K = std::size_t{1} << BITS;
+  static const Decode16<BITS> dec;
+  const __m512i ctrl = _mm512_load_si512(dec.ctrl);
+  const std::size_t words = packed_words(in, BITS);
+  const std::uint32_t* row = codes + o * words;
+  const auto* bytes = reinterpret_cast<const unsigned char*>(row);
+  const std::size_t row_bytes = words * 4, groups = in / 16;
+  __m512 tab = _mm512_setzero_ps();
+  if (ROW) {
+    alignas(64) float lut[16];
+    for (std::size_t k = 0; k < 16; ++k) lut[k] = tables[o * K + k % K];
+    tab = _mm512_load_ps(lut);
+  }
+  const __m512i col_step = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(K)));
+  const __m512i mask = _mm512_set1_epi32(static_cast<int>(K) - 1);
+  for (std::size_t g = 0; g < groups; ++g) {
+    const std::size_t off = g * 2 * BITS;
+    const __m128i raw =
+        off + 8 <= row_bytes
+            ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + off))
+            : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (row_bytes - off)) - 1u), bytes + off);
+    const __m512i idx = decode16<BITS>(raw, ctrl);
+    const __m512 w = ROW ? _mm512_maskz_permutexvar_ps(0xFFFF, idx, tab)
+                         : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF,
+                                                    _mm512_add_epi32(_mm512_and_si512(idx, mask), col_step),
+                                                    tables + g * 16 * K, 4);
+    _mm512_storeu_ps(dst + g * 16, w);
+  }
+  for (std::size_t i = groups * 16; i < in; ++i) {
+    const std::uint32_t c = get_code(row, i, BITS);
+    dst[i] = ROW ? tables[o * K + c] : tables[i * K + c];
+  }
 }
 
 /// All batch rows of output row o (xp: x packed by pack_x<16>), at most 8 per pass over the row's codes
