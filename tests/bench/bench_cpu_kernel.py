@@ -1,7 +1,8 @@
 """CPU LUT matmul vs torch's int4 weight-only kernel and fp32 F.linear, one process.
 
     python tests/bench/bench_cpu_kernel.py [--shapes 4096x4096,11008x4096]
-        [--batches 1,4,8,64] [--threads 0] [--reps 21] [--no-sparse] [--no-overhead]
+        [--batches 1,4,8,64] [--threads 0] [--reps 21] [--stat median|min]
+        [--no-sparse] [--no-overhead]
 
 Every variant runs round-robin (one call of each per round, `--reps` rounds)
 so that load from other processes hits all of them alike; each cell is the
@@ -111,6 +112,8 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch and sqllm threads (0: torch's default)")
     ap.add_argument("--cycle-mb", type=float, default=192.0,
                     help="weights cycled per variant (> L3 so they come from DRAM)")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="per-cell statistic over rounds (min: least disturbed by other load)")
     ap.add_argument("--no-sparse", action="store_true")
     ap.add_argument("--no-overhead", action="store_true")
     args = ap.parse_args()
@@ -118,13 +121,14 @@ def main():
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     cyc = args.cycle_mb * 2**20
+    stat = np.min if args.stat == "min" else np.median
     rng = np.random.default_rng(0)
     bw_med, bw_max = copy_bandwidth()
     print(f"threads: {threads} (torch and sqllm); sqllm kernel: {_C.cpu_kernel()} "
           f"(supported: {', '.join(_C.cpu_kernels())}); torch {torch.__version__}")
     print(f"numpy copy bandwidth (read + write): {bw_med / 1e9:.1f} GB/s median, "
           f"{bw_max / 1e9:.1f} GB/s best; weights cycled through >= {args.cycle_mb:.0f} MB per variant; "
-          f"{args.reps} round-robin rounds, medians\n")
+          f"{args.reps} round-robin rounds, {args.stat}s\n")
     print("| out x in | batch | sqllm 4b ms | sqllm 3b ms | torch int4 ms | torch fp32 ms "
           "| 4b vs int4 (spread) | 3b vs int4 (spread) | 4b vs fp32 | 4b GB/s | 4b % copy | 3b GB/s | int4 GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -152,7 +156,7 @@ def main():
                    "int4": Cycler(i4, lambda c: torch._weight_int4pack_mm_for_cpu(xb, c[0], 128, c[1])),
                    "fp32": Cycler(w32, lambda w: F.linear(x, w))}
             r = round_robin(fns, args.reps)
-            m = {k: float(np.median(v)) for k, v in r.items()}
+            m = {k: float(stat(v)) for k, v in r.items()}
             gb4, gb3 = lut[4][1] / m["4"] / 1e9, lut[3][1] / m["3"] / 1e9
             print(f"| {out_f}x{in_f} | {batch} | {m['4'] * 1e3:.3f} | {m['3'] * 1e3:.3f} | "
                   f"{m['int4'] * 1e3:.3f} | {m['fp32'] * 1e3:.3f} | "
@@ -163,16 +167,16 @@ def main():
             if batch == 1:
                 pf = {f"{bits}b {k}": ours(bits, k) for bits in (4, 3) for k in _C.cpu_kernels()}
                 pr = round_robin(pf, max(5, args.reps // 3))
-                paths.append((shape, {k: float(np.median(v)) for k, v in pr.items()}))
+                paths.append((shape, {k: float(stat(v)) for k, v in pr.items()}))
             if batch in (1, 8) and not args.no_sparse:
                 for frac in (0.0005, 0.0045):
                     csr = random_csr(out_f, in_f, frac, rng)
                     sp = Cycler(lut[3][0], lambda c: _C.lut_matmul(
                         xn, c[0], c[1], 3, in_f, "row", csr, threads, True))
                     rs = round_robin({"dense": ours(3), "sparse": sp}, args.reps)
-                    sparse_rows.append((shape, batch, frac, float(np.median(rs["dense"])),
-                                        float(np.median(rs["sparse"]))))
-    print("\nKernel paths at batch 1 (ms, median; forced with kernel=...):\n")
+                    sparse_rows.append((shape, batch, frac, float(stat(rs["dense"])),
+                                        float(stat(rs["sparse"]))))
+    print(f"\nKernel paths at batch 1 (ms, {args.stat}; forced with kernel=...):\n")
     for shape, d in paths:
         print(f"- {shape}: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in d.items()))
     if sparse_rows:
