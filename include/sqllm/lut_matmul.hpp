@@ -180,15 +180,18 @@ void lut_matmul_simd(const float* x, std::size_t batch, std::size_t in, std::siz
     pack_x<G>(x, batch, in, packed.data());
     xp = packed.data();
   }
+  // AVX-512 takes output rows in pairs (one x load per two FMAs).
+  constexpr std::size_t R = KERNEL == CpuKernel::Avx512 ? 2 : 1;
 #ifdef _OPENMP
   const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(static, 16) num_threads(nt)
+#pragma omp parallel for schedule(static, 8) num_threads(nt)
 #endif
-  for (std::ptrdiff_t o = 0; o < static_cast<std::ptrdiff_t>(out); ++o) {
+  for (std::ptrdiff_t p = 0; p < static_cast<std::ptrdiff_t>((out + R - 1) / R); ++p) {
+    const std::size_t o = static_cast<std::size_t>(p) * R;
     if (KERNEL == CpuKernel::Avx512)
-      avx512::rows<BITS, ROW>(x, xp, batch, in, out, codes, tables, csr, y, static_cast<std::size_t>(o));
+      avx512::rows<BITS, ROW>(x, xp, batch, in, out, codes, tables, csr, y, o, std::min(R, out - o));
     else
-      avx2::rows<BITS, ROW>(x, xp, batch, in, out, codes, tables, csr, y, static_cast<std::size_t>(o));
+      avx2::rows<BITS, ROW>(x, xp, batch, in, out, codes, tables, csr, y, o);
   }
   (void)num_threads;
 }
