@@ -180,8 +180,9 @@ void lut_matmul_simd(const float* x, std::size_t batch, std::size_t in, std::siz
     pack_x<G>(x, batch, in, packed.data());
     xp = packed.data();
   }
-  // AVX-512 takes output rows in pairs (one x load per two FMAs).
-  constexpr std::size_t R = KERNEL == CpuKernel::Avx512 ? 2 : 1;
+  // AVX-512 takes output rows in pairs from batch 2 on (one x load per two
+  // FMAs); at batch 1 one row at a time streams the codes faster from DRAM.
+  const std::size_t R = KERNEL == CpuKernel::Avx512 && batch > 1 ? 2 : 1;
 #ifdef _OPENMP
   const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
 #pragma omp parallel for schedule(static, 8) num_threads(nt)
