@@ -82,9 +82,10 @@ SQLLM_TARGET_AVX2 __attribute__((always_inline)) inline void step(
 /// One output row o, batch rows [b0, b0+NB): y[b, o] = sum_i x[b, i] Ŵ[o, i].
 /// xp: those rows of x interleaved by groups (pack_x), the main loop's only x.
 template <int BITS, bool ROW, int NB>
-SQLLM_TARGET_AVX2 inline void row_kernel(const float* x, const float* xp, std::size_t in, std::size_t out, const std::uint32_t* codes,
-                       const float* tables, const CsrView* csr, float* y, std::size_t o,
-                       std::size_t b0) {
+SQLLM_TARGET_AVX2 inline void row_kernel(const float* x, const float* xp, std::size_t in,
+                                         std::size_t out, const std::uint32_t* codes,
+                                         const float* tables, const CsrView* csr, float* y,
+                                         std::size_t o, std::size_t b0) {
   constexpr std::size_t K = std::size_t{1} << BITS;
   const std::size_t words = packed_words(in, BITS);
   const std::uint32_t* row = codes + o * words;
@@ -160,8 +161,9 @@ SQLLM_TARGET_AVX2 void decode_row(const std::uint32_t* codes, const float* table
   for (std::size_t g = 0; g < groups; ++g) {
     const __m256i idx = decode8<BITS>(bytes, g);
     const __m256 w = ROW ? lookup<BITS>(idx, lo, hi)
-                         : _mm256_i32gather_ps(tables + g * 8 * K,
-                                               _mm256_add_epi32(_mm256_and_si256(idx, mask), col_step), 4);
+                         : _mm256_i32gather_ps(
+                               tables + g * 8 * K,
+                               _mm256_add_epi32(_mm256_and_si256(idx, mask), col_step), 4);
     _mm256_storeu_ps(dst + g * 8, w);
   }
   for (std::size_t i = groups * 8; i < in; ++i) {
@@ -171,9 +173,9 @@ SQLLM_TARGET_AVX2 void decode_row(const std::uint32_t* codes, const float* table
 }
 
 template <int BITS, bool ROW>
-SQLLM_TARGET_AVX2 void rows(const float* x, const float* xp, std::size_t batch, std::size_t in, std::size_t out,
-                 const std::uint32_t* codes, const float* tables, const CsrView* csr, float* y,
-                 std::size_t o) {
+SQLLM_TARGET_AVX2 void rows(const float* x, const float* xp, std::size_t batch, std::size_t in,
+                            std::size_t out, const std::uint32_t* codes, const float* tables,
+                            const CsrView* csr, float* y, std::size_t o) {
   for (std::size_t b0 = 0; b0 < batch; b0 += 8) {
     const float* xc = xp + b0 * (in / 8) * 8;  // this chunk of pack_x's layout
     switch (std::min<std::size_t>(8, batch - b0)) {

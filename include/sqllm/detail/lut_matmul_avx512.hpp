@@ -8,7 +8,8 @@
 // (the following codes above them).  Row grouping: the row's table, repeated
 // with period 2^BITS to 16 entries, sits in one zmm register and vpermps
 // (which reads the low 4 index bits) turns the 16 codes into 16 weights with
-// no mask: two shuffles per 16 weights before the FMAs.  Column grouping masks the codes and gathers from the per-column tables.
+// no mask: two shuffles per 16 weights before the FMAs.  Column grouping
+// masks the codes and gathers from the per-column tables.
 // Each decoded group of 16 weights is multiplied with NB batch rows held in NB
 // accumulators.  Every function is compiled for AVX-512 by its target
 // attribute and only called after cpu_supports(CpuKernel::Avx512).
