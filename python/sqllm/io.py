@@ -458,9 +458,13 @@ def _read_headers(folder: Path, files: List[str]) -> Dict[str, Tuple[str, Tuple[
     return where
 
 
-def _read_state_dict(folder: Path, files: List[str]) -> Dict[str, torch.Tensor]:
+def _read_state_dict(folder: Path, files: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    if files is None:
+        files = _checkpoint_files(folder)
+        _read_headers(folder, files)  # containment, duplicates
 
     sd: Dict[str, torch.Tensor] = {}
     for f in files:
@@ -488,7 +492,8 @@ def _check_layer_tensors(name: str, entry: LayerFormat,
                              f"{entry.format!r} with bias={entry.bias})")
         if headers[key][1] != tuple(t.shape):
             raise ValueError(f"tensor {key} in {headers[key][0]} has shape {headers[key][1]}, "
-                             f"but quantization_config.layers[{name!r}] implies {tuple(t.shape)}")
+                             f"which does not match quantization_config.layers[{name!r}] "
+                             f"(it implies {tuple(t.shape)})")
 
 
 def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",

@@ -264,7 +264,6 @@ class QuantLinear(QuantLinearBase):
         self.register_buffer("sparse_row_ptr", torch.zeros(out_features + 1, dtype=torch.int32))
         self.register_buffer("sparse_col_idx", torch.zeros(int(nnz), dtype=torch.int32))
         self.register_buffer("sparse_values", torch.zeros(int(nnz), dtype=torch.float16))
-        self._checked_key: Optional[Tuple[Any, ...]] = None
         self._cache: Dict[str, Any] = {}
 
     # -- construction -------------------------------------------------------
@@ -487,7 +486,9 @@ class QuantLinear(QuantLinearBase):
         sp = self._sparse_np()
         if sp is not None:
             _C.check_csr(sp, self.out_features, self.in_features)
-        self._checked_key = self._buffer_key()
+        # Kept in the cache, which .to()/.half()/pickling clear, so that it never
+        # holds old buffers alive.
+        self._cache["checked"] = self._buffer_key()
 
     def _ensure_valid(self) -> None:
         """Validate unless these very buffers, unchanged since (their in-place
@@ -495,7 +496,7 @@ class QuantLinear(QuantLinearBase):
         ``layer.sparse_col_idx[0] = 10**9`` after a forward is caught here,
         before a kernel reads through it."""
         key = self._buffer_key()
-        old = self._checked_key
+        old = self._cache.get("checked")
         if old is None or not all(a is b or (type(a) is int and a == b and a >= 0)
                                   for a, b in zip(old, key)):
             self.validate()
@@ -508,7 +509,6 @@ class QuantLinear(QuantLinearBase):
             if n != self.nnz:
                 self.sparse_col_idx = torch.zeros(n, dtype=torch.int32, device=self.qweight.device)
                 self.sparse_values = torch.zeros(n, dtype=torch.float16, device=self.qweight.device)
-        self._checked_key = None
         self._cache = {}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

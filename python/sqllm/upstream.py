@@ -214,6 +214,12 @@ def _convert_module(name: str, state: Dict[str, torch.Tensor], bits: int, linear
                              f"{tuple(vals.shape)}")
         if not torch.isfinite(vals).all():
             raise ValueError(f"{name}.vals contains NaN or Inf")
+        if rows.numel() != out_f + 1:
+            raise ValueError(f"{name}.rows must have {out_f + 1} entries (out_features + 1), "
+                             f"got {rows.numel()}")
+        if cols.numel() != vals.numel():
+            raise ValueError(f"{name}.cols and .vals must have the same length, got "
+                             f"{cols.numel()} and {vals.numel()}")
         half = vals.to(torch.float16)
         if not torch.isfinite(half).all():
             big = vals.abs().max().item()
