@@ -22,4 +22,4 @@ python3 -m pytest -q python "$@"
 # Bounded fuzz run of the loaders and validators (about a minute; the long
 # run and its numbers: docs/reliability.md).  The C++ CSR fuzz target already
 # ran under CTest (sqllm_fuzz_csr, ASan/UBSan).
-bash fuzz/run_fuzz.sh "${SQLLM_FUZZ_SECONDS:-60}"
+bash fuzz/run_fuzz.sh "${SQLLM_FUZZ_SECONDS:-45}"

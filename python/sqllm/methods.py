@@ -206,8 +206,8 @@ class SqueezeLLM(QuantMethod):
         for plain k-means) into a :class:`~sqllm.QuantLinear`."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        if sensitivity is not None and not isinstance(sensitivity, torch.Tensor):
-            raise TypeError("sensitivity must be a torch.Tensor or None, got "
+        if sensitivity is not None and not isinstance(sensitivity, (torch.Tensor, np.ndarray)):
+            raise TypeError("sensitivity must be a torch.Tensor, a NumPy array or None, got "
                             f"{type(sensitivity).__name__}")
         return self.quantize_weight(linear.weight, sensitivity, bias=linear.bias,
                                     num_threads=num_threads)

@@ -3,8 +3,8 @@
 #
 #   bash tests/fuzz/run_fuzz.sh [SECONDS_TOTAL] [WORKDIR]
 #
-# CI runs `bash tests/fuzz/run_fuzz.sh 60` (one minute over the three
-# harnesses).  The long run of docs/reliability.md:
+# CI (tests/run_all.sh) runs `bash tests/fuzz/run_fuzz.sh 45`: 45 s of fuzzing
+# over the three harnesses, about 75 s with their start-up.  The long run of docs/reliability.md:
 #   bash tests/fuzz/run_fuzz.sh 3600 /tmp/sqllm-fuzz
 # A fresh seed corpus is written by make_corpus.py from a tiny model saved by
 # the current code; libFuzzer adds what it finds to WORKDIR/<harness>/, and a

@@ -545,3 +545,12 @@ def test_check_output_folder_reports_before_work(tmp_path):
         check_output_folder(tmp_path, source=src)
     with pytest.raises(TypeError):
         check_output_folder(None)
+
+
+def test_numpy_sensitivity_is_accepted():
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(64, 8, bias=False)
+    s = torch.rand(8, 64, generator=g)
+    a = QuantLinear.from_linear(lin, bits=3, sensitivity=s.numpy())
+    b = QuantLinear.from_linear(lin, bits=3, sensitivity=s)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.lookup_table, b.lookup_table)
