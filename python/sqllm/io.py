@@ -475,6 +475,19 @@ def _read_state_dict(folder: Path, files: Optional[List[str]] = None) -> Dict[st
     return sd
 
 
+def _check_depth(config: Any, headers: Dict[str, Tuple[str, Tuple[int, ...]]],
+                 folder: Path) -> None:
+    """The model's depth from config.json must be backed by tensors (the last
+    decoder block's index appears in some tensor name): building the skeleton
+    costs time per block, so a huge ``num_hidden_layers`` is refused first."""
+    n = getattr(config, "num_hidden_layers", None)
+    if isinstance(n, bool) or not isinstance(n, int):
+        return
+    if n < 0 or (n > 0 and not any(f".{n - 1}." in k for k in headers)):
+        raise ValueError(f"{folder / 'config.json'}: num_hidden_layers={n}, but the checkpoint "
+                         f"has no tensors of block {n - 1}")
+
+
 def _check_layer_tensors(name: str, entry: LayerFormat,
                          headers: Dict[str, Tuple[str, Tuple[int, ...]]]) -> None:
     """The layer's tensors exist with the shapes its config entry implies, checked
@@ -523,6 +536,7 @@ def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"{folder / 'config.json'} is not a valid transformers config: "
                          f"{type(e).__name__}: {e}") from None
+    _check_depth(config, headers, folder)
     try:
         with _params_on_meta():
             model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(dtype or torch.float32))

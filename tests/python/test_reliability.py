@@ -554,3 +554,11 @@ def test_numpy_sensitivity_is_accepted():
     a = QuantLinear.from_linear(lin, bits=3, sensitivity=s.numpy())
     b = QuantLinear.from_linear(lin, bits=3, sensitivity=s)
     assert torch.equal(a.qweight, b.qweight) and torch.equal(a.lookup_table, b.lookup_table)
+
+
+def test_huge_depth_in_config_is_refused_before_building(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["num_hidden_layers"] = 10 ** 6
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="num_hidden_layers=1000000"):
+        sqllm.load_quantized(saved)
