@@ -11,6 +11,7 @@ a forward pass without error.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import sys
@@ -32,7 +33,7 @@ logging.disable(logging.CRITICAL)
 torch.set_num_threads(1)
 BASE = CORPUS / "base" / "folder"
 FILES = {p.name: p.read_bytes() for p in BASE.iterdir() if p.is_file()}
-WORK = Path(tempfile.mkdtemp(prefix="sqllm-fuzz-folder-"))
+WORK = Path(tempfile.mkdtemp(prefix="sqllm-fuzz-folder-", dir=os.environ.get("SQLLM_FUZZ_TMP")))
 IDS = torch.tensor([[0, 5, 9, 63]])
 
 

@@ -14,6 +14,7 @@ failed load must leave the base model untouched.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -39,7 +40,7 @@ PT_BYTES = PT.read_bytes()
 STATE = torch.load(PT, weights_only=True)
 KEYS = sorted(STATE)
 BASE = tiny_model()
-WORK = Path(tempfile.mkdtemp(prefix="sqllm-fuzz-upstream-"))
+WORK = Path(tempfile.mkdtemp(prefix="sqllm-fuzz-upstream-", dir=os.environ.get("SQLLM_FUZZ_TMP")))
 IDS = torch.tensor([[0, 5, 9, 63]])
 EXTREMES = [0, -1, 1, 2 ** 31 - 1, -2 ** 31, 2 ** 31, 2 ** 40, 10 ** 6]
 FLOATS = [0.0, -1.0, 1e9, -7e4, float("inf"), float("nan"), 65504.0, 1e-30]

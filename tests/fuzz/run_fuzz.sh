@@ -18,6 +18,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$WORK"
 "$PY" "$HERE/make_corpus.py" "$WORK/corpus" >/dev/null 2>&1
 export SQLLM_FUZZ_CORPUS="$WORK/corpus"
+export SQLLM_FUZZ_TMP="$WORK"  # the harnesses' scratch folders
 
 # Share of the time per harness (percent): the loaders are slow per input.
 declare -A SHARE=([fuzz_layers]=25 [fuzz_saved_folder]=45 [fuzz_upstream]=30)
