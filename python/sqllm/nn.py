@@ -274,7 +274,6 @@ class QuantLinear(QuantLinearBase):
         self.register_buffer("sparse_row_ptr", torch.zeros(out_features + 1, dtype=torch.int32))
         self.register_buffer("sparse_col_idx", torch.zeros(int(nnz), dtype=torch.int32))
         self.register_buffer("sparse_values", torch.zeros(int(nnz), dtype=torch.float16))
-        self._sparse_checked = False
         self._cache: Dict[str, Any] = {}
 
     # -- construction -------------------------------------------------------
@@ -301,6 +300,12 @@ class QuantLinear(QuantLinearBase):
         (the layer shares their memory, as ``torch.from_numpy`` does).
         """
         bits = _check_bits(bits)
+        if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)):
+            raise TypeError(f"in_features must be an int, got {type(in_features).__name__}")
+        if bias is not None:
+            bias = _as_tensor(bias, "bias")
+            if not bias.is_floating_point():
+                raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
         qw = _as_tensor(qweight, "qweight").to("cpu")
         table = _as_tensor(lookup_table, "lookup_table").to("cpu")
         if qw.dim() != 2:
@@ -498,7 +503,20 @@ class QuantLinear(QuantLinearBase):
         sp = self._sparse_np()
         if sp is not None:
             _C.check_csr(sp, self.out_features, self.in_features)
-        self._sparse_checked = True
+        # Kept in the cache, which .to()/.half()/pickling clear, so that it never
+        # holds old buffers alive.
+        self._cache["checked"] = self._buffer_key()
+
+    def _ensure_valid(self) -> None:
+        """Validate unless these very buffers, unchanged since (their in-place
+        version counters), were validated: an edit such as
+        ``layer.sparse_col_idx[0] = 10**9`` after a forward is caught here,
+        before a kernel reads through it."""
+        key = self._buffer_key()
+        old = self._cache.get("checked")
+        if old is None or not all(a is b or (type(a) is int and a == b and a >= 0)
+                                  for a, b in zip(old, key)):
+            self.validate()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # Resize the sparse buffers to what the checkpoint holds (nnz is data).
@@ -508,12 +526,12 @@ class QuantLinear(QuantLinearBase):
             if n != self.nnz:
                 self.sparse_col_idx = torch.zeros(n, dtype=torch.int32, device=self.qweight.device)
                 self.sparse_values = torch.zeros(n, dtype=torch.float16, device=self.qweight.device)
-        self._sparse_checked = False
         self._cache = {}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- math -------------------------------------------------------------
     def dequantize(self) -> torch.Tensor:
+        self._ensure_valid()
         w = _C.nuq_dequantize(_u32(self.qweight.cpu()), self._tables_np(),
                               self.in_features, self.bits, self.group_axis)
         w = torch.from_numpy(w)
@@ -531,6 +549,7 @@ class QuantLinear(QuantLinearBase):
         if x2.device != qweight.device:
             raise ValueError(f"input is on {x2.device} but the layer's buffers are on "
                              f"{qweight.device}")
+        self._ensure_valid()
         if x2.device.type == "cuda":
             # Without a bias the kernel's output (one rounding to x's dtype)
             # is the result; with one, the sum is formed in fp32 (forward()).
@@ -539,8 +558,7 @@ class QuantLinear(QuantLinearBase):
         raise ValueError(f"QuantLinear runs on CPU or CUDA tensors, got device {x2.device}")
 
     def _cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if not self._sparse_checked:
-            self.validate()
+        self._ensure_valid()
         codes, tables, sparse = self._cpu_operands()
         if x2.requires_grad:
             x2 = x2.detach()
