@@ -263,7 +263,11 @@ def test_quantize_failure_restores_original_layers(monkeypatch, calib_ids):
 def test_upstream_failure_leaves_model_untouched(tmp_path):
     from sqllm.upstream import load_squeezellm_checkpoint, save_squeezellm_checkpoint
 
-    q = _quantized_model()
+    # The upstream layout is SqueezeLLM's lookup-table format (rtn now writes
+    # the uniform format), so quantize with unweighted SqueezeLLM here.
+    q = make_tiny_llama()
+    sqllm.quantize(q, method="squeezellm", bits=4, weighted=False, kmeans="lloyd",
+                   progress=False)
     pt = tmp_path / "up.pt"
     save_squeezellm_checkpoint(q, pt)
     state = torch.load(pt, weights_only=True)
