@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "bindings.hpp"
+#include "sqllm/cpu_features.hpp"
 #include "sqllm/csr.hpp"
 #include "sqllm/lut_matmul.hpp"
 #include "sqllm/nuq.hpp"
@@ -158,8 +159,10 @@ void init_quant(py::module_& m) {
       "lut_matmul",
       [](const carray<float>& x, const carray<std::uint32_t>& packed, const carray<float>& tables,
          int bits, std::size_t in_features, const std::string& group_axis,
-         std::optional<CsrArrays> sparse, int num_threads, bool sparse_checked) {
+         std::optional<CsrArrays> sparse, int num_threads, bool sparse_checked,
+         const std::string& kernel) {
         check_bits(bits);
+        const CpuKernel ker = parse_cpu_kernel(kernel);
         const GroupAxis axis = parse_group_axis(group_axis);
         check_ndim(x, 2, "x");
         SQLLM_CHECK(static_cast<std::size_t>(x.shape(1)) == in_features, "x has ", x.shape(1),
@@ -174,15 +177,30 @@ void init_quant(py::module_& m) {
         {
           py::gil_scoped_release nogil;
           lut_matmul(x.data(), batch, in_features, out, packed.data(), tables.data(), bits, axis,
-                     sparse ? &csr : nullptr, y.mutable_data(), num_threads, sparse_checked);
+                     sparse ? &csr : nullptr, y.mutable_data(), num_threads, sparse_checked, ker);
         }
         return y;
       },
       py::arg("x"), py::arg("packed"), py::arg("tables"), py::arg("bits"), py::arg("in_features"),
       py::arg("group_axis") = "row", py::arg("sparse") = py::none(), py::arg("num_threads") = 0,
-      py::arg("sparse_checked") = false,
+      py::arg("sparse_checked") = false, py::arg("kernel") = "auto",
       "y = x @ W^T from packed codes and lookup tables (+ optional CSR sparse part\n"
-      "(row_ptr int32, col_idx int32, values fp16 bits as uint16)); fp32 accumulate.");
+      "(row_ptr int32, col_idx int32, values fp16 bits as uint16)); fp32 accumulate.\n"
+      "kernel: 'auto' (the best this CPU supports, or $SQLLM_CPU_KERNEL), 'scalar', 'avx2'\n"
+      "or 'avx512' (batches below 64; ValueError if the CPU lacks it).");
+
+  m.def(
+      "cpu_kernels",
+      [] {
+        std::vector<std::string> ks;
+        for (CpuKernel k : {CpuKernel::Scalar, CpuKernel::Avx2, CpuKernel::Avx512})
+          if (cpu_supports(k)) ks.emplace_back(to_string(k));
+        return ks;
+      },
+      "The CPU LUT matmul paths this CPU and build support, slowest first.");
+  m.def(
+      "cpu_kernel", [] { return std::string(to_string(resolve_cpu_kernel(CpuKernel::Auto))); },
+      "The path kernel='auto' takes here (the best supported, or $SQLLM_CPU_KERNEL).");
 
   m.def(
       "check_csr",

@@ -28,12 +28,16 @@ inline void check_csr(const CsrView& m, std::size_t rows, std::size_t cols) {
   SQLLM_CHECK(m.row_ptr != nullptr, "sparse row_ptr is missing");
   SQLLM_CHECK(m.nnz == 0 || (m.col_idx && m.values), "sparse col_idx/values are missing");
   SQLLM_CHECK(m.row_ptr[0] == 0, "sparse row_ptr[0] must be 0, got ", m.row_ptr[0]);
-  SQLLM_CHECK(static_cast<std::size_t>(m.row_ptr[rows]) == m.nnz, "sparse row_ptr[", rows,
-              "] must equal nnz=", m.nnz, ", got ", m.row_ptr[rows]);
+  SQLLM_CHECK(m.row_ptr[rows] >= 0 && static_cast<std::size_t>(m.row_ptr[rows]) == m.nnz,
+              "sparse row_ptr[", rows, "] must equal nnz=", m.nnz, ", got ", m.row_ptr[rows]);
   for (std::size_t r = 0; r < rows; ++r) {
     const std::int32_t a = m.row_ptr[r], b = m.row_ptr[r + 1];
     SQLLM_CHECK(a <= b, "sparse row_ptr must be non-decreasing, but row_ptr[", r, "]=", a,
                 " > row_ptr[", r + 1, "]=", b);
+    // Bounds before reads: with row_ptr[0] == 0 and a <= b, b <= nnz keeps
+    // [a, b) inside col_idx/values even when a later entry breaks the order.
+    SQLLM_CHECK(static_cast<std::size_t>(b) <= m.nnz, "sparse row_ptr[", r + 1, "]=", b,
+                " exceeds nnz=", m.nnz);
     for (std::int32_t k = a; k < b; ++k) {
       const std::int32_t c = m.col_idx[k];
       SQLLM_CHECK(c >= 0 && static_cast<std::size_t>(c) < cols, "sparse col_idx[", k, "]=", c,

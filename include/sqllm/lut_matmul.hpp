@@ -7,6 +7,13 @@
 // per step, packing.hpp's aligned unit) into a small fp32 buffer through the
 // row's (or the columns') lookup table and multiplies that block with every
 // batch row while it is in cache.  fp32 accumulate; OpenMP over output rows.
+//
+// Paths (batches below kGemmMinBatch; larger ones decode tiles of Ŵ with the
+// same path's row decoder and multiply them with Eigen's GEMM):
+//   avx512  1..4 bits: in-register table, vpermps on 16 codes (detail/lut_matmul_avx512.hpp)
+//   avx2    1..4 bits: in-register table, vpermps on 8 codes (detail/lut_matmul_avx2.hpp)
+//   scalar  every width: decode 32 codes, then a dot product (portable C++)
+// chosen at run time from the CPU's features (cpu_features.hpp), or forced.
 #pragma once
 
 #include <algorithm>
@@ -17,8 +24,10 @@
 
 #include <Eigen/Core>
 
+#include "sqllm/cpu_features.hpp"
 #include "sqllm/csr.hpp"
 #include "sqllm/detail/lut_matmul_avx2.hpp"
+#include "sqllm/detail/lut_matmul_avx512.hpp"
 #include "sqllm/dispatch.hpp"
 #include "sqllm/error.hpp"
 #include "sqllm/nuq.hpp"
@@ -71,10 +80,27 @@ constexpr std::size_t kGemmMinBatch = 64;
 /// Large batches (prefill): decode a tile of TILE rows of Ŵ into a
 /// thread-local buffer and multiply it with all of x through Eigen's GEMM, so
 /// the arithmetic runs at BLAS speed while Ŵ is never materialised whole.
+/// Decodes row o of Ŵ into dst[0..in): decode_row or a SIMD one.
+using DecodeRowFn = void (*)(const std::uint32_t* codes, const float* tables, std::size_t in,
+                             std::size_t o, float* dst);
+
+template <int BITS, bool ROW>
+DecodeRowFn pick_decode_row(CpuKernel kernel) {
+#ifdef SQLLM_X86_SIMD
+  if constexpr (BITS <= 4) {
+    if (kernel == CpuKernel::Avx512) return &avx512::decode_row<BITS, ROW>;
+    if (kernel == CpuKernel::Avx2) return &avx2::decode_row<BITS, ROW>;
+  }
+#endif
+  (void)kernel;
+  return &decode_row<BITS, ROW>;
+}
+
 template <int BITS, bool ROW>
 void lut_matmul_gemm(const float* x, std::size_t batch, std::size_t in, std::size_t out,
                      const std::uint32_t* codes, const float* tables, const CsrView* csr,
-                     float* y, int num_threads) {
+                     float* y, int num_threads, CpuKernel kernel) {
+  const DecodeRowFn decode = pick_decode_row<BITS, ROW>(kernel);
   using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   constexpr std::size_t TILE = 64;
   const std::ptrdiff_t ntiles = static_cast<std::ptrdiff_t>((out + TILE - 1) / TILE);
@@ -93,7 +119,7 @@ void lut_matmul_gemm(const float* x, std::size_t batch, std::size_t in, std::siz
       const std::size_t o0 = static_cast<std::size_t>(t) * TILE;
       const std::size_t nr = std::min(TILE, out - o0);
       for (std::size_t r = 0; r < nr; ++r)
-        decode_row<BITS, ROW>(codes, tables, in, o0 + r, tile.data() + r * in);
+        decode(codes, tables, in, o0 + r, tile.data() + r * in);
       Eigen::Map<RowMat, 0, Eigen::OuterStride<>> Y(y + o0, static_cast<Eigen::Index>(batch),
                                                    static_cast<Eigen::Index>(nr),
                                                    Eigen::OuterStride<>(static_cast<Eigen::Index>(out)));
@@ -121,18 +147,53 @@ void lut_matmul_gemm(const float* x, std::size_t batch, std::size_t in, std::siz
   (void)num_threads;
 }
 
-#ifdef SQLLM_HAVE_AVX2
-/// AVX2 path: 1..4-bit codes (8 codes per byte-aligned 32-bit load).
-template <int BITS, bool ROW>
-void lut_matmul_avx2(const float* x, std::size_t batch, std::size_t in, std::size_t out,
+#ifdef SQLLM_X86_SIMD
+/// x for the SIMD kernels: each chunk of up to 8 batch rows [b0, b0+nb) is
+/// stored from xp + b0*(in/G)*G as [group g < in/G][row b < nb][G lanes], so a
+/// kernel reads the nb rows' inputs of a group from one contiguous run (no
+/// 4K-aliased strided streams).  The tail columns (>= (in/G)*G) stay in x.
+/// A single batch row is its own packing (no copy).
+template <std::size_t G>
+void pack_x(const float* x, std::size_t batch, std::size_t in, float* xp) {
+  const std::size_t groups = in / G;
+  for (std::size_t b0 = 0; b0 < batch; b0 += 8) {
+    const std::size_t nb = std::min<std::size_t>(8, batch - b0);
+    float* dst = xp + b0 * groups * G;
+    for (std::size_t g = 0; g < groups; ++g)
+      for (std::size_t b = 0; b < nb; ++b)
+        std::copy_n(x + (b0 + b) * in + g * G, G, dst + (g * nb + b) * G);
+  }
+}
+
+/// The SIMD paths (1..4-bit codes): OpenMP over output rows, each row's
+/// kernel compiled for its instruction set (called only when the CPU has it).
+template <int BITS, bool ROW, CpuKernel KERNEL>
+void lut_matmul_simd(const float* x, std::size_t batch, std::size_t in, std::size_t out,
                      const std::uint32_t* codes, const float* tables, const CsrView* csr,
                      float* y, int num_threads) {
+  static_assert(BITS >= 1 && BITS <= 4, "the SIMD paths take 1..4-bit codes");
+  constexpr std::size_t G = KERNEL == CpuKernel::Avx512 ? 16 : 8;
+  std::vector<float> packed;
+  const float* xp = x;
+  if (batch > 1) {
+    packed.resize(batch * (in / G) * G);
+    pack_x<G>(x, batch, in, packed.data());
+    xp = packed.data();
+  }
+  // AVX-512 takes output rows in pairs from batch 2 on (one x load per two
+  // FMAs); at batch 1 one row at a time streams the codes faster from DRAM.
+  const std::size_t R = KERNEL == CpuKernel::Avx512 && batch > 1 ? 2 : 1;
 #ifdef _OPENMP
   const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(static, 16) num_threads(nt)
+#pragma omp parallel for schedule(static, 8) num_threads(nt)
 #endif
-  for (std::ptrdiff_t o = 0; o < static_cast<std::ptrdiff_t>(out); ++o)
-    avx2::rows<BITS, ROW>(x, batch, in, out, codes, tables, csr, y, static_cast<std::size_t>(o));
+  for (std::ptrdiff_t p = 0; p < static_cast<std::ptrdiff_t>((out + R - 1) / R); ++p) {
+    const std::size_t o = static_cast<std::size_t>(p) * R;
+    if (KERNEL == CpuKernel::Avx512)
+      avx512::rows<BITS, ROW>(x, xp, batch, in, out, codes, tables, csr, y, o, std::min(R, out - o));
+    else
+      avx2::rows<BITS, ROW>(x, xp, batch, in, out, codes, tables, csr, y, o);
+  }
   (void)num_threads;
 }
 #endif
@@ -187,38 +248,45 @@ void lut_matmul_impl(const float* x, std::size_t batch, std::size_t in, std::siz
 /// y = x · Ŵᵀ (+ sparse) with Ŵ given by packed codes and lookup tables.
 /// `csr` may be nullptr; it is validated here (check_csr) unless
 /// `csr_checked` is true (the caller validated it once at load time).
+/// `kernel` picks the path (Auto: the best the CPU supports, or
+/// SQLLM_CPU_KERNEL); a path the CPU lacks throws.  From detail::kGemmMinBatch
+/// rows on, it picks the decoder of the GEMM path's tiles.  Widths above 4 bits
+/// always take the scalar code.
 inline void lut_matmul(const float* x, std::size_t batch, std::size_t in, std::size_t out,
                        const std::uint32_t* codes, const float* tables, int bits, GroupAxis axis,
                        const CsrView* csr, float* y, int num_threads = 0,
-                       bool csr_checked = false) {
+                       bool csr_checked = false, CpuKernel kernel = CpuKernel::Auto) {
   check_bits(bits);
   SQLLM_CHECK(in > 0 && out > 0, "lut_matmul: in_features and out_features must be > 0, got in=",
               in, ", out=", out);
+  const CpuKernel ker = resolve_cpu_kernel(kernel);
   if (batch == 0) return;
   if (csr != nullptr && !csr_checked) check_csr(*csr, out, in);
   if (csr != nullptr && csr->nnz == 0) csr = nullptr;
+  const bool row = axis == GroupAxis::Row;
   SQLLM_DISPATCH_BITS(bits, BITS, {
     if (batch >= detail::kGemmMinBatch) {
-      if (axis == GroupAxis::Row)
-        detail::lut_matmul_gemm<BITS, true>(x, batch, in, out, codes, tables, csr, y, num_threads);
-      else
-        detail::lut_matmul_gemm<BITS, false>(x, batch, in, out, codes, tables, csr, y, num_threads);
+      (row ? detail::lut_matmul_gemm<BITS, true> : detail::lut_matmul_gemm<BITS, false>)(
+          x, batch, in, out, codes, tables, csr, y, num_threads, ker);
       return;
     }
-#ifdef SQLLM_HAVE_AVX2
-    if (BITS <= 4) {
-      if (axis == GroupAxis::Row)
-        detail::lut_matmul_avx2<(BITS <= 4 ? BITS : 4), true>(x, batch, in, out, codes, tables, csr, y, num_threads);
+#ifdef SQLLM_X86_SIMD
+    if (BITS <= 4 && ker != CpuKernel::Scalar) {
+      constexpr int B = BITS <= 4 ? BITS : 4;
+      using detail::lut_matmul_simd;
+      if (ker == CpuKernel::Avx512)
+        (row ? lut_matmul_simd<B, true, CpuKernel::Avx512> : lut_matmul_simd<B, false, CpuKernel::Avx512>)(
+            x, batch, in, out, codes, tables, csr, y, num_threads);
       else
-        detail::lut_matmul_avx2<(BITS <= 4 ? BITS : 4), false>(x, batch, in, out, codes, tables, csr, y, num_threads);
+        (row ? lut_matmul_simd<B, true, CpuKernel::Avx2> : lut_matmul_simd<B, false, CpuKernel::Avx2>)(
+            x, batch, in, out, codes, tables, csr, y, num_threads);
       return;
     }
 #endif
-    if (axis == GroupAxis::Row)
-      detail::lut_matmul_impl<BITS, true>(x, batch, in, out, codes, tables, csr, y, num_threads);
-    else
-      detail::lut_matmul_impl<BITS, false>(x, batch, in, out, codes, tables, csr, y, num_threads);
+    (row ? detail::lut_matmul_impl<BITS, true> : detail::lut_matmul_impl<BITS, false>)(
+        x, batch, in, out, codes, tables, csr, y, num_threads);
   })
+  (void)ker;
 }
 
 }  // namespace sqllm

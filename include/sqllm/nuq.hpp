@@ -78,7 +78,7 @@ inline void nuq_quantize(const float* W, const float* S, const std::uint8_t* kee
       const std::size_t src = o * in + i;
       const std::size_t dst = row ? src : i * out + o;
       const float w = S ? S[src] : 1.0f;
-      SQLLM_CHECK(std::isfinite(W[src]), "weight has a non-finite value ", W[src], " at (", o, ", ",
+      SQLLM_CHECK(std::isfinite(W[src]), "weight has a non-finite value (NaN or Inf) ", W[src], " at (", o, ", ",
                   i, ")");
       SQLLM_CHECK(std::isfinite(w) && w >= 0.0f, "sensitivity must be finite and >= 0, got ", w,
                   " at (", o, ", ", i, ")");

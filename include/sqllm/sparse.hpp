@@ -63,7 +63,7 @@ inline void sparse_select(const float* W, const float* S, std::size_t n, const S
   SQLLM_CHECK(b.outliers + b.sensitive <= n, "sparse budget ", b.outliers + b.sensitive,
               " exceeds the number of weights ", n);
   for (std::size_t i = 0; i < n; ++i) {
-    SQLLM_CHECK(std::isfinite(W[i]), "weight has a non-finite value at flat index ", i);
+    SQLLM_CHECK(std::isfinite(W[i]), "weight has a non-finite value (NaN or Inf) at flat index ", i);
     if (S) SQLLM_CHECK(std::isfinite(S[i]) && S[i] >= 0.0f, "sensitivity must be finite and >= 0, got ", S[i], " at flat index ", i);
     keep[i] = 0;
   }

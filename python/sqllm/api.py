@@ -8,6 +8,7 @@ import os
 import time
 from typing import Any, Dict, Iterable, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -29,14 +30,40 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _source_folder(model: nn.Module, checkpoint: Any) -> Any:
+    """The folder a model's weights are read from (meta models, streaming), if any."""
+    ck = checkpoint if checkpoint is not None else getattr(model, "sqllm_checkpoint", None)
+    if ck is None:
+        return None
+    return getattr(ck, "folder", ck)
+
+
+def _vocab_size(model: nn.Module) -> Optional[int]:
+    try:
+        emb = model.get_input_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+
+
 def _calibration_batches(calibration: Any, tokenizer: Any, nsamples: int, seqlen: int,
-                         seed: int) -> Optional[torch.Tensor]:
+                         seed: int, model: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
     if calibration is None:
         return None
+    if isinstance(calibration, np.ndarray):
+        calibration = torch.from_numpy(calibration)
     if isinstance(calibration, torch.Tensor):
-        if calibration.dim() != 2:
+        if calibration.dim() != 2 or calibration.numel() == 0:
             raise ValueError("calibration tensor must be [nsamples, seqlen] token ids, got shape "
                              f"{tuple(calibration.shape)}")
+        if calibration.is_floating_point() or calibration.is_complex() or \
+                calibration.dtype == torch.bool:
+            raise TypeError(f"calibration token ids must be an integer tensor, got {calibration.dtype}")
+        vocab = _vocab_size(model) if model is not None else None
+        lo, hi = int(calibration.min()), int(calibration.max())
+        if lo < 0 or (vocab is not None and hi >= vocab):
+            raise ValueError(f"calibration token ids must be in [0, {vocab if vocab else 'vocab'}), "
+                             f"got values in [{lo}, {hi}]")
         return calibration.long()
     if isinstance(calibration, str):
         if tokenizer is None:
@@ -59,7 +86,8 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
              stats_dir: Union[str, "os.PathLike[str]", None] = None,
              out: Union[str, "os.PathLike[str]", None] = None,
              checkpoint: Any = None, device: Union[str, torch.device, None] = None,
-             sequential_groups: bool = False, **options: Any) -> nn.Module:
+             sequential_groups: bool = False, overwrite: bool = False,
+             **options: Any) -> nn.Module:
     """Quantize the Linear layers of ``model`` in place and return it.
 
     Every ``nn.Linear`` is found generically (no per-architecture lists); the
@@ -123,8 +151,14 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         same input together: q/k/v, o, gate/up, down), each group's statistics
         taken with the earlier groups already quantized (GPTQ's true sequential
         inside a block); one group's statistics in memory at a time.
+    overwrite : bool
+        With ``out``: replace a folder there that is not an sqllm model folder
+        (refused otherwise, before any work).
     **options :
         Further fields of the method's dataclass (e.g. ``sensitive_fraction``).
+
+    If quantization fails part-way, the model's original layers are put back
+    (and its config left as it was) before the error propagates.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -146,7 +180,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
 
     from .calib.checkpoint import SafetensorsCheckpoint, is_meta_model
     from .calib.collectors import get_collector
-    from .calib.streamer import _overrides_block, stream_quantize
+    from .calib.streamer import _overrides_block
 
     meta = is_meta_model(model)
     required = tuple(qm.required_stats())
@@ -162,9 +196,49 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     if checkpoint is not None and not isinstance(checkpoint, SafetensorsCheckpoint):
         checkpoint = SafetensorsCheckpoint(checkpoint, getattr(model, "base_model_prefix", "") or "")
 
+    if out is not None:
+        from .io import check_output_folder
+
+        # Output problems surface now, not after the whole quantization ran.
+        check_output_folder(out, overwrite=overwrite,
+                            source=_source_folder(model, checkpoint))
+    if isinstance(exclude, str):
+        exclude = (exclude,)
     layers = find_linear_layers(model, exclude=exclude)
     if not layers:
         raise ValueError("the model has no Linear layers to quantize")
+    # Every module the run may replace, to put back if it fails part-way.
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    old_qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    try:
+        return _quantize(model, qm, method, bits, layers, calibration, tokenizer, nsamples,
+                         seqlen, seed, exclude, sensitivity, progress, stream, meta, block_stats,
+                         required, fp_inputs, stats_dir, out, checkpoint, device,
+                         sequential_groups, overwrite)
+    except BaseException:
+        for name, mod in originals.items():
+            try:
+                if model.get_submodule(name) is not mod:
+                    set_module(model, name, mod)
+            except AttributeError:
+                set_module(model, name, mod)
+        if hasattr(model, "config"):
+            if old_qcfg is None:
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
+            else:
+                model.config.quantization_config = old_qcfg
+        raise
+
+
+def _quantize(model: nn.Module, qm: Any, method: str, bits: Any, layers: Dict[str, nn.Linear],
+              calibration: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int,
+              exclude: Iterable[str], sensitivity: Optional[Dict[str, torch.Tensor]],
+              progress: bool, stream: bool, meta: bool, block_stats: bool, required: Any,
+              fp_inputs: bool, stats_dir: Any, out: Any, checkpoint: Any, device: Any,
+              sequential_groups: bool, overwrite: bool) -> nn.Module:
+    from .calib.streamer import _overrides_block, stream_quantize
+
     t0 = time.perf_counter()
     stats: Dict[str, Any] = {}
     if sensitivity is not None:
@@ -174,7 +248,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         stats["fisher"] = dict(sensitivity)
     needs_data = (bool(set(required) - set(stats)) or _overrides_block(qm)
                   or (not stream and qm.needs_calibration and not stats))
-    batches = (_calibration_batches(calibration, tokenizer, nsamples, seqlen, seed)
+    batches = (_calibration_batches(calibration, tokenizer, nsamples, seqlen, seed, model)
                if needs_data else None)
 
     writer = None
@@ -182,7 +256,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         if out is not None and meta:
             from .io import ShardWriter
 
-            writer = ShardWriter(out)
+            writer = ShardWriter(out, overwrite=overwrite)
         with writer if writer is not None else contextlib.nullcontext():
             layer_cfgs = stream_quantize(model, qm, batches, exclude=exclude,
                                          checkpoint=checkpoint, writer=writer,
@@ -220,7 +294,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     elif out is not None:
         from .io import save_quantized
 
-        save_quantized(model, out, tokenizer=tokenizer)
+        save_quantized(model, out, tokenizer=tokenizer, overwrite=overwrite)
     log.info("quantized %d layers with %s in %.1f s%s", len(layer_cfgs), method, t_total,
              " (streamed)" if stream else f" (statistics {t_stats:.1f} s)")
     return model

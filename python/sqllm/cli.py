@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -23,9 +22,12 @@ def _load_any(model: Optional[str]) -> Tuple[Any, Any]:
     from .io import load_quantized
     from .models import load_model
 
+    if model is not None and not Path(model).exists():
+        raise FileNotFoundError(f"--model {model} does not exist")
     if model is not None and (Path(model) / "config.json").is_file():
-        cfg = json.loads((Path(model) / "config.json").read_text())
-        if cfg.get("quantization_config", {}).get("quant_method") == "sqllm":
+        from .io import is_sqllm_folder
+
+        if is_sqllm_folder(model):
             from transformers import AutoTokenizer
 
             return load_quantized(model), AutoTokenizer.from_pretrained(model, local_files_only=True)
@@ -117,6 +119,8 @@ def _parser(method: Optional[str] = None) -> argparse.ArgumentParser:
     q.add_argument("--model", default=None,
                    help="local HF folder, .gguf file, or omit for the embedded SmolLM2-135M")
     q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is a folder that is not an sqllm model")
     q.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
                    help="quantization method (default: %(default)s); its options follow")
     q.add_argument("--calib-text", default="austen:emma", help="calibration text source")
@@ -181,8 +185,9 @@ def _streamable(model: Optional[str]) -> bool:
         return False
     if not ((d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()):
         return False
-    cfg = json.loads((d / "config.json").read_text())
-    return cfg.get("quantization_config", {}).get("quant_method") != "sqllm"
+    from .io import is_sqllm_folder
+
+    return not is_sqllm_folder(d)
 
 
 def _folder_tokenizer(model_dir: str) -> Any:
@@ -221,7 +226,8 @@ def _cmd_quantize_streamed(args: argparse.Namespace) -> int:
              nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
              progress=not args.quiet, method_options=_method_args(args), stream=True,
              fp_inputs=args.fp_inputs, stats_dir=args.stats_dir, out=args.out,
-             device=args.device, sequential_groups=args.sequential_groups)
+             device=args.device, sequential_groups=args.sequential_groups,
+             overwrite=args.overwrite)
     dt = time.perf_counter() - t0
     out = Path(args.out).resolve()
     n_layers = len(model.config.quantization_config["layers"])
@@ -237,6 +243,14 @@ def _cmd_quantize_streamed(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from . import quantize, save_quantized, size_report
+    from .io import check_output_folder
+
+    # Output-path problems (a file in the way, another folder, the source
+    # itself) are reported before the long work, not after it.
+    check_output_folder(args.out, overwrite=args.overwrite, source=args.model)
+    for flag in ("nsamples", "seqlen", "eval_seqlen"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
 
     if _streamable(args.model) and not args.no_stream:
         return _cmd_quantize_streamed(args)
@@ -260,7 +274,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.eval:
         r = _perplexity(model, tok, args)
         print(f"quantized perplexity: {r.ppl:.3f}")
-    out = save_quantized(model, args.out, tokenizer=tok)
+    out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite)
     print(f"saved to {out}")
     return 0
 
@@ -335,16 +349,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser(_peek_method(argv)).parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "threads", 0):
-        import torch
-
-        torch.set_num_threads(args.threads)
     handler = {"quantize": _cmd_quantize, "eval": _cmd_eval, "generate": _cmd_generate,
                "info": _cmd_info, "demo": _cmd_demo}[args.cmd]
     try:
+        threads = getattr(args, "threads", 0)
+        if threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: the default), got {threads}")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"sqllm {args.cmd}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as e:
+        # User errors (bad arguments, files, folders): one line and exit 2, as
+        # argparse does; a traceback means a bug in sqllm.
+        msg = str(e) if not isinstance(e, OSError) or not e.filename or str(e.filename) in str(e) \
+            else f"{e.strerror or e}: {e.filename}"
+        print(f"sqllm {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
 
 

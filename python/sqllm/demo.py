@@ -34,6 +34,10 @@ def run_demo(bits: Iterable[int] = (4, 3), sparsities: Iterable[float] = (0.0,),
              save: Optional[str] = None, progress: bool = True, seed: int = 0) -> List[dict]:
     """Run the default job and print a table; returns its rows."""
     t_start = time.perf_counter()
+    if save:
+        from .io import check_output_folder
+
+        check_output_folder(save)  # before the long work, not after it
     model, tok = load_model(None)
     eval_ids = tokenize_text(tok, load_text(eval_text))
     calib = calibration_batches(tok, load_text(calib_text), nsamples, seqlen, seed=seed)

@@ -7,19 +7,25 @@ tokenizer files) whose ``config.json`` carries ``quantization_config`` with
 buffers (docs/formats.md) are ordinary safetensors tensors.
 
 Writes are atomic: everything is written to a fresh folder beside the target,
-which then replaces the target in one rename; a failed save leaves the
-previous contents in place.
+which then takes the target's place by an atomic exchange (``renameat2``
+``RENAME_EXCHANGE`` on Linux); where that is unavailable the old folder is
+kept under ``.<name>.old-<pid>`` until the new one is in place, and a later
+save or load puts it back if the process died in between.  So the target path
+always holds the old or the new model.  A folder that is not an sqllm model
+folder is never replaced unless ``overwrite=True``.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -28,7 +34,8 @@ from .api import set_module
 from .config import LayerFormat, QuantizationConfig, QuantizationConfigError
 from .nn import QuantLinearBase
 
-__all__ = ["save_quantized", "load_quantized", "read_quantization_config", "ShardWriter"]
+__all__ = ["save_quantized", "load_quantized", "read_quantization_config", "ShardWriter",
+           "check_output_folder", "is_sqllm_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +43,16 @@ PathLike = Union[str, os.PathLike]
 
 
 def save_quantized(model: nn.Module, path: PathLike, tokenizer: Any = None,
-                   max_shard_size: str = "5GB") -> Path:
-    """Save a model quantized by :func:`sqllm.quantize` (atomically) and return the folder."""
+                   max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
+    """Save a model quantized by :func:`sqllm.quantize` (atomically) and return the folder.
+
+    An existing sqllm model folder at ``path`` is replaced; any other non-empty
+    folder is refused (ValueError) unless ``overwrite=True``.  At every instant
+    ``path`` holds the old or the new model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    target = check_output_folder(path, overwrite=overwrite)
     qc = QuantizationConfig.from_model(model)
     if not any(isinstance(m, QuantLinearBase) for m in model.modules()):
         raise ValueError("model has no quantized layers")
@@ -49,8 +64,7 @@ def save_quantized(model: nn.Module, path: PathLike, tokenizer: Any = None,
     qc.layers = {n: LayerFormat.from_layer(m) for n, m in model.named_modules()
                  if isinstance(m, QuantLinearBase)}
     model.config.quantization_config = qc.to_dict()
-    target = _target_folder(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _make_tmp(target)
     try:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
@@ -64,25 +78,156 @@ def save_quantized(model: nn.Module, path: PathLike, tokenizer: Any = None,
     return target
 
 
-def _target_folder(path: PathLike) -> Path:
+def is_sqllm_folder(path: PathLike) -> bool:
+    """Whether ``path`` is a folder whose config.json carries an sqllm quantization_config."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return isinstance(q, dict) and q.get("quant_method") == "sqllm"
+
+
+def check_output_folder(path: PathLike, overwrite: bool = False,
+                        source: Optional[PathLike] = None) -> Path:
+    """Check that a model can be saved at ``path`` before any long work; return the folder.
+
+    Raises ValueError when ``path`` (or, through a symlink, the folder it points
+    to) is a file, is a non-empty folder that is not an sqllm model folder and
+    ``overwrite`` is false, or is (or contains) the ``source`` model folder;
+    NotADirectoryError/PermissionError when it cannot be created.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"the output path must be a str or path, got {type(path).__name__}")
     target = Path(path).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} exists and is not a folder")
+    if source is not None:
+        src = Path(source).resolve()
+        if src == target or target in src.parents:
+            raise ValueError(f"the output folder {path} is (or contains) the source model {source}; "
+                             "choose another output folder")
+    _recover(target)
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"cannot create {target}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write in {ancestor}")
+    if target.exists():
+        if not target.is_dir():
+            raise ValueError(f"{target} exists and is not a folder")
+        if not overwrite and any(target.iterdir()) and not is_sqllm_folder(target):
+            raise ValueError(f"{path} exists and is not an sqllm model folder; refusing to replace "
+                             "it and its contents (pass overwrite=True, or --overwrite)")
     return target
 
 
+def _target_folder(path: PathLike, overwrite: bool = False) -> Path:
+    target = check_output_folder(path, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _make_tmp(target: Path) -> Path:
+    """A fresh folder beside ``target`` named ``.<name>.tmp-<pid>-*`` with the
+    permissions of an ordinary new folder (mkdtemp's are 0700)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(target: Path, kind: str) -> Iterator[Tuple[Path, Optional[int]]]:
+    """``.<name>.<kind>-<pid>...`` siblings of ``target`` with the pid that made them."""
+    prefix = f".{target.name}.{kind}-"
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink():
+            head = p.name[len(prefix):].split("-", 1)[0]
+            yield p, int(head) if head.isdigit() else None
+
+
+def _recover(target: Path) -> None:
+    """Put back the model a save interrupted between its two renames left in
+    ``.<name>.old-<pid>`` (only when nothing is at ``target``), and remove the
+    temporary and old folders of saves whose process is gone."""
+    if not target.parent.is_dir():
+        return
+    if not target.exists() and not target.is_symlink():
+        olds = [p for p, pid in _leftovers(target, "old")
+                if (pid is None or not _pid_alive(pid)) and is_sqllm_folder(p)]
+        if olds:
+            newest = max(olds, key=lambda p: p.stat().st_mtime)
+            os.rename(newest, target)
+            log.warning("recovered %s from %s, left by an interrupted save", target, newest.name)
+    for kind in ("tmp", "old"):
+        for p, pid in _leftovers(target, kind):
+            if pid is not None and not _pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+                log.info("removed %s, left by an interrupted save", p)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _replace_folder(tmp: Path, target: Path) -> None:
-    """Move the finished folder ``tmp`` to ``target`` (replacing it) in one rename."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put the finished folder ``tmp`` at ``target``: ``target`` holds the old or
+    the new folder at every instant (see the module docstring)."""
+    if not target.exists():
+        os.replace(tmp, target)  # one rename onto nothing: atomic
+        return
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        return
+    # No exchange: keep the old folder until the new one is in place; a process
+    # killed in between leaves it in .old-<pid>, which _recover() puts back.
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if old.exists():
+        shutil.rmtree(old)
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _parse_size(size: Union[int, str]) -> int:
@@ -114,10 +259,11 @@ class ShardWriter:
     ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
     """
 
-    def __init__(self, path: PathLike, max_shard_size: Union[int, str] = "1GB") -> None:
-        self.target = _target_folder(path)
+    def __init__(self, path: PathLike, max_shard_size: Union[int, str] = "1GB",
+                 overwrite: bool = False) -> None:
+        self.target = _target_folder(path, overwrite=overwrite)
         self.max_shard_bytes = _parse_size(max_shard_size)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.tmp = _make_tmp(self.target)
         self._buf: Dict[str, torch.Tensor] = {}
         self._buf_bytes = 0
         self._shards: list = []
@@ -265,27 +411,110 @@ def _params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = orig  # type: ignore[method-assign]
 
 
-def _read_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def check_inside(folder: PathLike, names: Any, source: PathLike) -> None:
+    """Raise ValueError unless every file name read from ``source`` is a plain
+    relative path inside ``folder`` (no absolute path, no ``..``, no symlink out)."""
+    root = Path(folder).resolve()
+    for f in names:
+        rel = Path(f) if isinstance(f, str) else None
+        if rel is None or not f or rel.is_absolute() or ".." in rel.parts or \
+                root not in (root / rel).resolve().parents:
+            raise ValueError(f"{source} names the file {f!r}, which is not inside {folder}")
 
+
+def _checkpoint_files(folder: Path) -> List[str]:
+    """The safetensors files of a saved folder; every name read from the index
+    must be a plain relative path inside the folder (no absolute path, no ``..``,
+    no symlink out of it)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is corrupt: {e}") from None
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder} has no model.safetensors (or index)")
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is corrupt: {type(e).__name__}: {e}") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise ValueError(f"{index}: weight_map must map tensor names to file names")
+        files = sorted(set(weight_map.values()))
+        check_inside(folder, files, index)
+        if not files:
+            raise ValueError(f"{index} lists no files")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{folder} has no model.safetensors (or index)")
+
+
+def _read_headers(folder: Path, files: List[str]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """tensor name -> (file, shape), from the safetensors headers only (no data read).
+    A tensor in two files is an error."""
+    from safetensors import SafetensorError, safe_open
+
+    where: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+    for f in files:
+        path = folder / f
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (listed in the index) does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as st:
+                for k in st.keys():
+                    if k in where:
+                        raise ValueError(f"tensor {k!r} is in both {where[k][0]} and {f}")
+                    where[k] = (f, tuple(int(d) for d in st.get_slice(k).get_shape()))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"cannot read {path}: the file is corrupt or truncated ({e})") from None
+    return where
+
+
+def _read_state_dict(folder: Path, files: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if files is None:
+        files = _checkpoint_files(folder)
+        _read_headers(folder, files)  # containment, duplicates
+
     sd: Dict[str, torch.Tensor] = {}
     for f in files:
         try:
             sd.update(load_file(str(folder / f)))
-        except (SafetensorError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ValueError(f"cannot read {folder / f}: the file is corrupt or truncated ({e})") from None
     return sd
+
+
+def _check_depth(config: Any, headers: Dict[str, Tuple[str, Tuple[int, ...]]],
+                 folder: Path) -> None:
+    """The model's depth from config.json must be backed by tensors (the last
+    decoder block's index appears in some tensor name): building the skeleton
+    costs time per block, so a huge ``num_hidden_layers`` is refused first."""
+    n = getattr(config, "num_hidden_layers", None)
+    if isinstance(n, bool) or not isinstance(n, int):
+        return
+    if n < 0 or (n > 0 and not any(f".{n - 1}." in k for k in headers)):
+        raise ValueError(f"{folder / 'config.json'}: num_hidden_layers={n}, but the checkpoint "
+                         f"has no tensors of block {n - 1}")
+
+
+def _check_layer_tensors(name: str, entry: LayerFormat,
+                         headers: Dict[str, Tuple[str, Tuple[int, ...]]]) -> None:
+    """The layer's tensors exist with the shapes its config entry implies, checked
+    on an empty layer built on the meta device: sizes read from config.json
+    (features, nnz) allocate nothing until the files agree with them."""
+    with torch.device("meta"):
+        try:
+            probe = entry.build()
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ValueError(f"layer {name}: {e}") from None
+    for buf, t in probe.named_buffers():
+        key = f"{name}.{buf}"
+        if key not in headers:
+            raise ValueError(f"checkpoint lacks the tensor {key} (layer {name} is "
+                             f"{entry.format!r} with bias={entry.bias})")
+        if headers[key][1] != tuple(t.shape):
+            raise ValueError(f"tensor {key} in {headers[key][0]} has shape {headers[key][1]}, "
+                             f"which does not match quantization_config.layers[{name!r}] "
+                             f"(it implies {tuple(t.shape)})")
 
 
 def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
@@ -301,25 +530,49 @@ def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
 
     from .models import _dtype_kwargs
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or path, got {type(path).__name__}")
     folder = Path(path)
+    _recover(folder.resolve())
     qcfg = read_quantization_config(folder)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    with _params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(dtype or torch.float32))
+    files = _checkpoint_files(folder)
+    headers = _read_headers(folder, files)
+    for name, entry in qcfg.layers.items():
+        _check_layer_tensors(name, entry, headers)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{folder / 'config.json'} is not a valid transformers config: "
+                         f"{type(e).__name__}: {e}") from None
+    _check_depth(config, headers, folder)
+    try:
+        with _params_on_meta():
+            model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(dtype or torch.float32))
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"cannot build the model of {folder / 'config.json'}: "
+                         f"{type(e).__name__}: {e}") from None
     for name, entry in qcfg.layers.items():
         try:
-            model.get_submodule(name)
+            old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"quantization_config names layer {name!r}, which the model "
                              "does not have") from None
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != \
+                (entry.in_features, entry.out_features):
+            raise ValueError(f"quantization_config.layers[{name!r}] is {entry.out_features}x"
+                             f"{entry.in_features}, but the model's {name} is {old!r}")
         set_module(model, name, entry.build())
-    sd = _read_state_dict(folder)
+    sd = _read_state_dict(folder, files)
     try:
         result = model.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as e:
         raise ValueError(f"checkpoint in {folder} does not match its config: {e}") from None
     if result.unexpected_keys:
         raise ValueError(f"checkpoint has unexpected tensors: {result.unexpected_keys[:5]}")
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    unloaded = [k for k in result.missing_keys if k not in params]
+    if unloaded:  # buffers keep their initial values: never load them silently
+        raise ValueError(f"checkpoint lacks tensors: {unloaded[:5]}")
     model.tie_weights()
     meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
             if p.is_meta]

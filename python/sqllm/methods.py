@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -97,6 +98,36 @@ class QuantMethod:
     def config(self) -> Dict[str, Any]:
         """The options recorded in ``quantization_config``."""
         return {"method": self.name, **dataclasses.asdict(self)}
+
+
+def _tensor_arg(a: Any, name: str) -> torch.Tensor:
+    """A tensor argument (a NumPy array is taken as one); TypeError for anything else."""
+    if isinstance(a, np.ndarray):
+        a = torch.from_numpy(np.ascontiguousarray(a))
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(a).__name__}")
+    if not (a.is_floating_point() or a.dtype in (torch.int8, torch.int16, torch.int32,
+                                                 torch.int64, torch.uint8)):
+        raise TypeError(f"{name} must be a real numeric tensor, got {a.dtype}")
+    return a
+
+
+def _check_fp16_residual(w: torch.Tensor, sparse: Any) -> None:
+    """The Dense-and-Sparse residuals are stored in fp16: refuse (instead of storing
+    ±inf) a kept weight whose residual |W - Ŵ_dense| exceeds fp16's 65504."""
+    row_ptr, col_idx, values = sparse
+    bits = np.asarray(values).view(np.uint16)
+    bad = np.flatnonzero((bits & 0x7C00) == 0x7C00)
+    if bad.size == 0:
+        return
+    k = int(bad[0])
+    row = int(np.searchsorted(np.asarray(row_ptr), k, side="right") - 1)
+    col = int(np.asarray(col_idx)[k])
+    raise ValueError(
+        f"Dense-and-Sparse cannot keep weight[{row}, {col}] = {float(w[row, col]):g}: its residual "
+        f"from the lookup table exceeds the float16 range (65504) of the sparse part "
+        f"({bad.size} such value(s)); use sparsity=0 (the lookup tables are float32 and hold it) "
+        "or rescale the layer")
 
 
 @register_method
@@ -187,7 +218,10 @@ class SqueezeLLM(QuantMethod):
         fisher = stats.get("fisher", {}).pop(name, None) if self.weighted else None
         if self.weighted and fisher is None:
             raise ValueError(f"no sensitivity for layer {name!r}")
-        layer = self.quantize_linear(linear, fisher)
+        try:
+            layer = self.quantize_linear(linear, fisher)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
         if self.gptq:
             from . import _C
             from .gptq import hessian_for_gptq
@@ -206,8 +240,8 @@ class SqueezeLLM(QuantMethod):
         for plain k-means) into a :class:`~sqllm.QuantLinear`."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        if sensitivity is not None and not isinstance(sensitivity, torch.Tensor):
-            raise TypeError("sensitivity must be a torch.Tensor or None, got "
+        if sensitivity is not None and not isinstance(sensitivity, (torch.Tensor, np.ndarray)):
+            raise TypeError("sensitivity must be a torch.Tensor, a NumPy array or None, got "
                             f"{type(sensitivity).__name__}")
         return self.quantize_weight(linear.weight, sensitivity, bias=linear.bias,
                                     num_threads=num_threads)
@@ -218,11 +252,17 @@ class SqueezeLLM(QuantMethod):
         Dense-and-Sparse split, on a (out, in) weight; returns the packed layer."""
         from . import _C
 
+        weight = _tensor_arg(weight, "weight")
+        sensitivity = None if sensitivity is None else _tensor_arg(sensitivity, "sensitivity")
+        bias = None if bias is None else _tensor_arg(bias, "bias")
         if weight.dim() != 2 or weight.numel() == 0:
             raise ValueError(f"weight must be a non-empty 2-D tensor, got shape {tuple(weight.shape)}")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features), got "
+                             f"{tuple(bias.shape)}")
         w = weight.detach().to("cpu", torch.float32).contiguous()
-        if not torch.isfinite(w).all():
-            raise ValueError("weight contains NaN or Inf")
+        # NaN/Inf in w: the C++ core rejects them (sparse_select, nuq_quantize)
+        # in its own pass over the values, so no separate check here.
         s_np = None
         if sensitivity is not None:
             s = sensitivity.detach().to("cpu", torch.float32).contiguous()
@@ -240,6 +280,7 @@ class SqueezeLLM(QuantMethod):
         sparse = None
         if keep is not None:
             sparse = _C.sparse_residual(w_np, packed, tables, keep, self.bits, self.group_axis)
+            _check_fp16_residual(w, sparse)
         return QuantLinear.from_packed(packed, tables, self.bits, w.shape[1], self.group_axis,
                                        sparse=sparse, bias=bias)
 
@@ -265,6 +306,7 @@ class RTN(QuantMethod):
     sym: bool = False
 
     def __post_init__(self) -> None:
+        self.bits = _check_bits(self.bits)
         check_uniform_options(self.bits, self.group_size)
 
     def quantize_layer(self, name: str, linear: nn.Linear,

@@ -74,6 +74,8 @@ class QuantLinearBase(nn.Module):
     #: "group_axis": ("row",), "sparse": False, "devices": ("cpu",)}``; methods
     #: check their options against it (:meth:`check_supports`).
     supports: ClassVar[Mapping[str, Any]] = {}
+    #: Device kind the kernel choice was last logged for (forward's cheap check).
+    _logged_cuda: Optional[bool] = None
 
     @classmethod
     def check_supports(cls, **wanted: Any) -> None:
@@ -134,31 +136,39 @@ class QuantLinearBase(nn.Module):
 
     # -- forward ----------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A decode step calls this once per layer: the checks and views below
+        # are kept to a few attribute reads (each torch call costs ~0.5 µs).
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"input dtype must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
+        dtype = x.dtype
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"input dtype must be float32, float16 or bfloat16, got {dtype}")
+        shape = x.shape
+        if not shape or shape[-1] != self.in_features:
             raise ValueError(
                 f"input's last dimension must be in_features={self.in_features}, "
-                f"got shape {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+                f"got shape {tuple(shape)}")
+        x2 = x if len(shape) == 2 else x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             y = x2.new_zeros((0, self.out_features), dtype=torch.float32)
-        elif torch.is_grad_enabled() and x2.requires_grad:
+        elif x2.requires_grad and torch.is_grad_enabled():
             y = _QuantMatmul.apply(x2, self)
-        else:  # inference: no autograd node (a decode step calls this per layer)
-            self._note_backend(x2.device)
+        else:  # inference: no autograd node
+            if self._logged_cuda is not x2.is_cuda:
+                self._note_backend(x2.device)
             y = self._matmul(x2)
-        if self.bias is not None:
-            y = y + self.bias.to(torch.float32)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        bias = self._buffers.get("bias")
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        if y.dtype != dtype:
+            y = y.to(dtype)
+        return y if len(shape) == 2 else y.view(*shape[:-1], self.out_features)
 
     def backend(self, device: torch.device) -> str:
         return "cuda" if device.type == "cuda" else "cpu"
 
     def _note_backend(self, device: torch.device) -> None:
+        self._logged_cuda = device.type == "cuda"
         name = self.backend(device)
         if name != self._logged_backend:
             self._logged_backend = name
@@ -264,7 +274,6 @@ class QuantLinear(QuantLinearBase):
         self.register_buffer("sparse_row_ptr", torch.zeros(out_features + 1, dtype=torch.int32))
         self.register_buffer("sparse_col_idx", torch.zeros(int(nnz), dtype=torch.int32))
         self.register_buffer("sparse_values", torch.zeros(int(nnz), dtype=torch.float16))
-        self._sparse_checked = False
         self._cache: Dict[str, Any] = {}
 
     # -- construction -------------------------------------------------------
@@ -291,6 +300,12 @@ class QuantLinear(QuantLinearBase):
         (the layer shares their memory, as ``torch.from_numpy`` does).
         """
         bits = _check_bits(bits)
+        if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)):
+            raise TypeError(f"in_features must be an int, got {type(in_features).__name__}")
+        if bias is not None:
+            bias = _as_tensor(bias, "bias")
+            if not bias.is_floating_point():
+                raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
         qw = _as_tensor(qweight, "qweight").to("cpu")
         table = _as_tensor(lookup_table, "lookup_table").to("cpu")
         if qw.dim() != 2:
@@ -393,19 +408,23 @@ class QuantLinear(QuantLinearBase):
     def nnz(self) -> int:
         return int(self.sparse_values.numel())
 
-    def _buffer_key(self) -> Tuple[Any, ...]:
-        bufs = (self.qweight, self.lookup_table, self.sparse_row_ptr, self.sparse_col_idx,
-                self.sparse_values)
-        return bufs + tuple(_version_of(b) for b in bufs)
+    _KEY_BUFFERS = ("qweight", "lookup_table", "sparse_row_ptr", "sparse_col_idx",
+                    "sparse_values")
 
-    def _cached(self, kind: str, build: Any) -> Any:
+    def _buffer_key(self, versions: bool = True) -> Tuple[Any, ...]:
+        b = self._buffers
+        bufs = tuple(b[n] for n in self._KEY_BUFFERS)
+        return bufs + tuple(_version_of(t) for t in bufs) if versions else bufs
+
+    def _cached(self, kind: str, build: Any, versions: bool = True) -> Any:
         """``build()`` once per state of the buffers: a new buffer object
-        (``.to()``, ``.half()``, loading a checkpoint of another nnz) or an
-        in-place change (its version counter) rebuilds it."""
-        key = self._buffer_key()
+        (``.to()``, ``.half()``, loading a checkpoint of another nnz) or, with
+        ``versions``, an in-place change (its version counter) rebuilds it.
+        A value made of views of the buffers (no copies) needs no versions."""
+        key = self._buffer_key(versions)
         hit = self._cache.get(kind)
-        if hit is not None and all(a is b or (type(a) is int and a == b)
-                                   for a, b in zip(hit[0], key)):
+        if hit is not None and len(hit[0]) == len(key) and \
+                all(a is b or (type(a) is int and a == b) for a, b in zip(hit[0], key)):
             return hit[1]
         value = build()
         self._cache[kind] = (key, value)
@@ -436,8 +455,11 @@ class QuantLinear(QuantLinearBase):
         return state
 
     def _cpu_operands(self) -> Tuple[np.ndarray, np.ndarray, Any]:
+        # fp32 tables on the CPU: every operand is a view of its buffer, so an
+        # in-place change shows through and only a new buffer object rebuilds.
+        views = self._buffers["lookup_table"].dtype == torch.float32
         return self._cached("cpu", lambda: (_u32(self.qweight), self._tables_np(),
-                                            self._sparse_np()))
+                                            self._sparse_np()), versions=not views)
 
     def _cuda_plan(self) -> Any:
         from .kernels_cuda import LutMatmulPlan
@@ -481,7 +503,20 @@ class QuantLinear(QuantLinearBase):
         sp = self._sparse_np()
         if sp is not None:
             _C.check_csr(sp, self.out_features, self.in_features)
-        self._sparse_checked = True
+        # Kept in the cache, which .to()/.half()/pickling clear, so that it never
+        # holds old buffers alive.
+        self._cache["checked"] = self._buffer_key()
+
+    def _ensure_valid(self) -> None:
+        """Validate unless these very buffers, unchanged since (their in-place
+        version counters), were validated: an edit such as
+        ``layer.sparse_col_idx[0] = 10**9`` after a forward is caught here,
+        before a kernel reads through it."""
+        key = self._buffer_key()
+        old = self._cache.get("checked")
+        if old is None or not all(a is b or (type(a) is int and a == b and a >= 0)
+                                  for a, b in zip(old, key)):
+            self.validate()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # Resize the sparse buffers to what the checkpoint holds (nnz is data).
@@ -491,12 +526,12 @@ class QuantLinear(QuantLinearBase):
             if n != self.nnz:
                 self.sparse_col_idx = torch.zeros(n, dtype=torch.int32, device=self.qweight.device)
                 self.sparse_values = torch.zeros(n, dtype=torch.float16, device=self.qweight.device)
-        self._sparse_checked = False
         self._cache = {}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- math -------------------------------------------------------------
     def dequantize(self) -> torch.Tensor:
+        self._ensure_valid()
         w = _C.nuq_dequantize(_u32(self.qweight.cpu()), self._tables_np(),
                               self.in_features, self.bits, self.group_axis)
         w = torch.from_numpy(w)
@@ -508,21 +543,30 @@ class QuantLinear(QuantLinearBase):
         return w.to(self.qweight.device)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.device != self.qweight.device:
+        qweight = self._buffers["qweight"]
+        if x2.is_cpu and qweight.is_cpu:
+            return self._cpu_matmul(x2)
+        if x2.device != qweight.device:
             raise ValueError(f"input is on {x2.device} but the layer's buffers are on "
-                             f"{self.qweight.device}")
+                             f"{qweight.device}")
+        self._ensure_valid()
         if x2.device.type == "cuda":
             # Without a bias the kernel's output (one rounding to x's dtype)
             # is the result; with one, the sum is formed in fp32 (forward()).
             return self._cuda_plan()(
                 x2, out_dtype=torch.float32 if self.bias is not None else None)
-        if x2.device.type != "cpu":
-            raise ValueError(f"QuantLinear runs on CPU or CUDA tensors, got device {x2.device}")
-        if not self._sparse_checked:
-            self.validate()
+        raise ValueError(f"QuantLinear runs on CPU or CUDA tensors, got device {x2.device}")
+
+    def _cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        self._ensure_valid()
         codes, tables, sparse = self._cpu_operands()
-        xf = x2.detach().to(torch.float32).contiguous()
-        y = _C.lut_matmul(xf.numpy(), codes, tables, self.bits, self.in_features,
+        if x2.requires_grad:
+            x2 = x2.detach()
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = _C.lut_matmul(x2.numpy(), codes, tables, self.bits, self.in_features,
                           self.group_axis, sparse, 0, True)
         return torch.from_numpy(y)
 

@@ -44,13 +44,18 @@ _IGNORED_SUFFIXES = (".startrows", ".full_rows", ".full_row_indices")
 
 def _wbits(path: Path, wbits: Optional[int]) -> int:
     if wbits is not None:
-        return int(wbits)
+        if isinstance(wbits, bool) or not isinstance(wbits, int):
+            raise TypeError(f"wbits must be an int, got {type(wbits).__name__} {wbits!r}")
+        return wbits
     cfg = path.parent / "quant_config.json"
     if cfg.is_file():
         try:
-            return int(json.loads(cfg.read_text())["wbits"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{cfg} is malformed: {e}") from None
+            value = json.loads(cfg.read_text())["wbits"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{cfg} is malformed: {type(e).__name__}: {e}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{cfg}: wbits must be an int, got {value!r}")
+        return value
     raise ValueError(f"bit width unknown: pass wbits= or put quant_config.json beside {path}")
 
 
@@ -71,11 +76,23 @@ def load_squeezellm_checkpoint(checkpoint: Union[str, os.PathLike], model: nn.Mo
     group_axis : "row" or "column"; default from the lookup-table shape, which
         cannot tell them apart for a square layer: pass ``"column"`` for
         checkpoints of the row-grouping variant (seed 002).
+
+    Every tensor is checked before the model is touched: a problem raises
+    ValueError naming the tensor and leaves ``model`` as it was.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path, got {type(checkpoint).__name__}")
     path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist" if not path.exists()
+                                else f"{path} is not a file")
     bits = _wbits(path, wbits)
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"unsupported SqueezeLLM bit width {bits} (upstream packs 2, 3, 4 or 8)")
+    if group_axis is not None and group_axis not in ("row", "column"):
+        raise ValueError(f"group_axis must be 'row', 'column' or None, got {group_axis!r}")
     try:
         state: Dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -84,12 +101,16 @@ def load_squeezellm_checkpoint(checkpoint: Union[str, os.PathLike], model: nn.Mo
         raise ValueError(f"cannot read {path}: corrupt or not a torch checkpoint ({e})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: entries {bad[:3]!r} are not name -> tensor")
     state = {k: v for k, v in state.items() if not k.startswith("sparse_threshold.")
              and not k.endswith(_IGNORED_SUFFIXES)}
     modules = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
     if not modules:
         raise ValueError(f"{path} has no '<module>.qweight' tensors: not a SqueezeLLM checkpoint")
-    layer_cfgs = {}
+    # 1. Convert and check everything; the model is not touched yet.
+    converted: Dict[str, QuantLinear] = {}
     for name in modules:
         try:
             target = model.get_submodule(name)
@@ -97,14 +118,26 @@ def load_squeezellm_checkpoint(checkpoint: Union[str, os.PathLike], model: nn.Mo
             raise ValueError(f"checkpoint module {name!r} is not in the model") from None
         if not isinstance(target, nn.Linear):
             raise ValueError(f"checkpoint module {name!r} is a {type(target).__name__}, not Linear")
-        q = _convert_module(name, state, bits, target, include_sparse, group_axis)
-        set_module(model, name, q.to(target.weight.device))
-        layer_cfgs[name] = q.layer_config()
+        converted[name] = _convert_module(name, state, bits, target, include_sparse, group_axis)
     rest = {k: v for k, v in state.items() if not k.startswith(tuple(m + "." for m in modules))}
     if rest:
-        result = model.load_state_dict(rest, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"checkpoint has tensors the model lacks: {result.unexpected_keys[:5]}")
+        own = model.state_dict()
+        unexpected = [k for k in rest if k not in own]
+        if unexpected:
+            raise ValueError(f"checkpoint has tensors the model lacks: {unexpected[:5]}")
+        for k, v in rest.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, the model's "
+                                 f"is {tuple(own[k].shape)}")
+            if v.is_floating_point() != own[k].is_floating_point():
+                raise ValueError(f"checkpoint tensor {k} is {v.dtype}, the model's is {own[k].dtype}")
+    # 2. Swap in (nothing below depends on the file's contents).
+    for name, q in converted.items():
+        target = model.get_submodule(name)
+        set_module(model, name, q.to(target.weight.device))
+    if rest:
+        model.load_state_dict(rest, strict=False)
+    layer_cfgs = {name: q.layer_config() for name, q in converted.items()}
     if hasattr(model, "config"):
         first = next(iter(layer_cfgs.values()))
         qc = QuantizationConfig(
@@ -116,6 +149,22 @@ def load_squeezellm_checkpoint(checkpoint: Union[str, os.PathLike], model: nn.Mo
         model.config.quantization_config = qc.to_dict()
     log.info("loaded %d SqueezeLLM layers (%d-bit) from %s", len(modules), bits, path)
     return model
+
+
+_INT32 = (-(2 ** 31), 2 ** 31 - 1)
+
+
+def _int32(name: str, t: torch.Tensor) -> torch.Tensor:
+    """An integer index tensor as int32, refusing values int32 cannot hold (no silent wrap)."""
+    if t.dtype in (torch.bool,) or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype != torch.int32 and t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < _INT32[0] or hi > _INT32[1]:
+            raise ValueError(f"{name} holds {lo if lo < _INT32[0] else hi}, outside the int32 range")
+    return t.to(torch.int32).contiguous()
 
 
 def _convert_module(name: str, state: Dict[str, torch.Tensor], bits: int, linear: nn.Linear,
@@ -135,6 +184,8 @@ def _convert_module(name: str, state: Dict[str, torch.Tensor], bits: int, linear
         raise ValueError(f"{name}.qweight must have shape ({words}, {out_f}) for a {out_f}x{in_f} "
                          f"layer at {bits} bits, got {tuple(qweight.shape)}")
     k = 2 ** bits
+    if not lut.is_floating_point():
+        raise ValueError(f"{name}.lookup_table must be a float tensor, got {lut.dtype}")
     if lut.dim() != 2 or lut.shape[1] != k or lut.shape[0] not in (out_f, in_f):
         raise ValueError(f"{name}.lookup_table must be ({out_f} or {in_f}, {k}), got "
                          f"{tuple(lut.shape)}")
@@ -144,34 +195,43 @@ def _convert_module(name: str, state: Dict[str, torch.Tensor], bits: int, linear
                          f"group_axis={axis!r}")
     if not torch.isfinite(lut).all():
         raise ValueError(f"{name}.lookup_table contains NaN or Inf")
-    has_bias = name + ".bias" in state
+    bias = state.get(name + ".bias")
+    if bias is not None:
+        if not bias.is_floating_point() or tuple(bias.shape) != (out_f,):
+            raise ValueError(f"{name}.bias must be a float tensor of shape ({out_f},), got "
+                             f"{bias.dtype} of shape {tuple(bias.shape)}")
+        if not torch.isfinite(bias).all():
+            raise ValueError(f"{name}.bias contains NaN or Inf")
+        bias = bias.float()
     sparse = None
-    if include_sparse and name + ".vals" in state:
+    if include_sparse and any(name + s in state for s in (".rows", ".cols", ".vals")):
         try:
             rows, cols, vals = (state[name + s] for s in (".rows", ".cols", ".vals"))
         except KeyError as e:
             raise ValueError(f"{name}: incomplete sparse part, missing {e.args[0]}") from None
-        sparse = (rows.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous(),
-                  vals.to(torch.float16).contiguous())
-    q = QuantLinear(in_f, out_f, bits, axis, bias=has_bias,
-                    nnz=0 if sparse is None else int(sparse[2].numel()))
-    q.qweight.copy_(qweight.T)
-    q.lookup_table.copy_(lut.float())
-    if has_bias:
-        q.bias.copy_(state[name + ".bias"].float())
-    if sparse is not None:
-        if sparse[0].numel() != out_f + 1:
-            raise ValueError(f"{name}.rows must have {out_f + 1} entries, got {sparse[0].numel()}")
-        if sparse[1].numel() != sparse[2].numel():
-            raise ValueError(f"{name}.cols and .vals must have the same length")
-        q.sparse_row_ptr.copy_(sparse[0])
-        q.sparse_col_idx.copy_(sparse[1])
-        q.sparse_values.copy_(sparse[2])
+        if not vals.is_floating_point() or vals.dim() != 1:
+            raise ValueError(f"{name}.vals must be a 1-D float tensor, got {vals.dtype} "
+                             f"{tuple(vals.shape)}")
+        if not torch.isfinite(vals).all():
+            raise ValueError(f"{name}.vals contains NaN or Inf")
+        if rows.numel() != out_f + 1:
+            raise ValueError(f"{name}.rows must have {out_f + 1} entries (out_features + 1), "
+                             f"got {rows.numel()}")
+        if cols.numel() != vals.numel():
+            raise ValueError(f"{name}.cols and .vals must have the same length, got "
+                             f"{cols.numel()} and {vals.numel()}")
+        half = vals.to(torch.float16)
+        if not torch.isfinite(half).all():
+            big = vals.abs().max().item()
+            raise ValueError(f"{name}.vals holds {big:g}, beyond the float16 range (65504) of "
+                             "sqllm's sparse values")
+        sparse = (_int32(f"{name}.rows", rows), _int32(f"{name}.cols", cols), half.contiguous())
     try:
-        q.validate()
-    except ValueError as e:
+        # One validation path: shapes, dtypes and the CSR (before any kernel sees it).
+        return QuantLinear.from_packed(qweight.T.contiguous(), lut, bits, in_f, axis,
+                                       sparse=sparse, bias=bias)
+    except (ValueError, TypeError) as e:
         raise ValueError(f"{name}: {e}") from None
-    return q
 
 
 def save_squeezellm_checkpoint(model: nn.Module, path: Union[str, os.PathLike],

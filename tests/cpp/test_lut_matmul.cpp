@@ -66,6 +66,45 @@ TEST_CASE("LUT matmul equals the reference exactly on integer data", "[lut_matmu
   }
 }
 
+TEST_CASE("every CPU kernel path equals the reference exactly on integer data",
+          "[lut_matmul][dispatch]") {
+  // Forced paths: the SIMD ones where this CPU has them (the others must refuse).
+  // Shapes: batch 1..17 across the 8-row blocking, 64 and 65 (GEMM path), `in` below, at and off the
+  // 8- and 16-code groups, and rows whose last group needs a short load.
+  for (CpuKernel k : {CpuKernel::Scalar, CpuKernel::Avx2, CpuKernel::Avx512}) {
+    if (!cpu_supports(k)) {
+      std::vector<float> x(8), y(4), t(4 * 8);
+      std::vector<std::uint32_t> c(4 * packed_words(8, 3));
+      REQUIRE_THROWS_WITH(lut_matmul(x.data(), 1, 8, 4, c.data(), t.data(), 3, GroupAxis::Row,
+                                     nullptr, y.data(), 0, false, k),
+                          Catch::Contains("not supported"));
+      continue;
+    }
+    for (int bits = 1; bits <= 8; ++bits) {
+      for (GroupAxis axis : {GroupAxis::Row, GroupAxis::Column}) {
+        for (auto shape : {std::vector<std::size_t>{1, 1, 1}, {3, 15, 1}, {5, 16, 2},
+                           {7, 17, 4}, {9, 31, 8}, {33, 48, 9}, {6, 129, 16}, {4, 250, 17},
+                           {17, 512, 1}, {3, 1000, 5}, {2, 4099, 3}, {70, 37, 64},
+                           {5, 300, 65}}) {
+          Problem p = integer_problem(shape[0], shape[1], shape[2], bits, axis,
+                                      static_cast<unsigned>(bits * 1000 + shape[1] + shape[2]));
+          std::vector<float> y(p.batch * p.out, -1.0f);
+          std::vector<double> ref(p.batch * p.out);
+          lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(), p.tables.data(), bits,
+                     axis, nullptr, y.data(), 0, false, k);
+          reference::lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(),
+                                p.tables.data(), bits, axis, nullptr, ref.data());
+          INFO("kernel=" << to_string(k) << " bits=" << bits << " axis=" << to_string(axis)
+                         << " out=" << p.out << " in=" << p.in << " batch=" << p.batch);
+          for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(static_cast<double>(y[i]) == ref[i]);
+        }
+      }
+    }
+  }
+  REQUIRE(cpu_supports(best_cpu_kernel()));
+  REQUIRE_THROWS_WITH(parse_cpu_kernel("sse9"), Catch::Contains("cpu kernel must be"));
+}
+
 TEST_CASE("LUT matmul with a sparse part equals dequantize + CSR", "[lut_matmul][sparse]") {
   Problem p = integer_problem(9, 70, 4, 3, GroupAxis::Row, 7);
   // CSR with integer fp16 values (exact in fp16 and in fp32 sums).
@@ -80,13 +119,17 @@ TEST_CASE("LUT matmul with a sparse part equals dequantize + CSR", "[lut_matmul]
     row_ptr.push_back(static_cast<std::int32_t>(cols.size()));
   }
   CsrView csr{row_ptr.data(), cols.data(), vals.data(), vals.size()};
-  std::vector<float> y(p.batch * p.out);
   std::vector<double> ref(p.batch * p.out);
-  lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(), p.tables.data(), 3,
-             GroupAxis::Row, &csr, y.data());
   reference::lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(), p.tables.data(), 3,
                         GroupAxis::Row, &csr, ref.data());
-  for (std::size_t k = 0; k < y.size(); ++k) REQUIRE(static_cast<double>(y[k]) == ref[k]);
+  for (CpuKernel k : {CpuKernel::Scalar, CpuKernel::Avx2, CpuKernel::Avx512}) {
+    if (!cpu_supports(k)) continue;
+    INFO("kernel=" << to_string(k));
+    std::vector<float> y(p.batch * p.out);
+    lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(), p.tables.data(), 3,
+               GroupAxis::Row, &csr, y.data(), 0, false, k);
+    for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(static_cast<double>(y[i]) == ref[i]);
+  }
 }
 
 TEST_CASE("LUT matmul on random real data is within fp32 rounding", "[lut_matmul]") {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -150,4 +151,23 @@ TEST_CASE("half conversion round trips and rounds to nearest even", "[sparse]") 
   REQUIRE(float_to_half_bits(1.0f + 3.0f / 2048.0f) == float_to_half_bits(1.0f + 2.0f / 1024.0f));
   REQUIRE(float_to_half_bits(70000.0f) == 0x7c00u);
   REQUIRE(half_bits_to_float(0x0001u) == std::ldexp(1.0f, -24));
+}
+
+TEST_CASE("check_csr checks bounds before reading: an intermediate row_ptr beyond nnz",
+          "[sparse]") {
+  // Issue 12: row_ptr = {0, 1000, 2} with nnz = 2 used to walk row 0 over
+  // col_idx[0..999] (a heap overflow under ASan) before the order check of
+  // the next row could fail.  Exactly-sized heap arrays make any such read visible.
+  auto cols = std::make_unique<std::int32_t[]>(2);
+  auto vals = std::make_unique<std::uint16_t[]>(2);
+  cols[0] = 0;
+  cols[1] = 1;
+  vals[0] = vals[1] = float_to_half_bits(1.0f);
+  std::vector<std::int32_t> rp{0, 1000, 2};
+  CsrView v{rp.data(), cols.get(), vals.get(), 2};
+  REQUIRE_THROWS_WITH(check_csr(v, 2, 4), Catch::Contains("exceeds nnz=2"));
+  // A negative last entry is not taken for a huge size_t.
+  std::vector<std::int32_t> neg{0, 0, -1};
+  CsrView w{neg.data(), cols.get(), vals.get(), 2};
+  REQUIRE_THROWS_WITH(check_csr(w, 2, 4), Catch::Contains("must equal nnz"));
 }

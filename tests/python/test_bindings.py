@@ -140,3 +140,46 @@ def test_bindings_reject_bad_input_with_clear_messages():
         _C.nuq_quantize(np.ones((0, 4), np.float32))
     with pytest.raises(TypeError):
         _C.nuq_quantize("not an array")
+
+
+def _integer_lut_problem(rng, out_f, in_f, batch, bits, axis):
+    """Small-integer codes, tables and x: every product and partial sum is an
+    integer below 2**24, so any fp32 summation order is exact."""
+    codes = rng.integers(0, 2 ** bits, (out_f, in_f), dtype=np.uint8)
+    groups = out_f if axis == "row" else in_f
+    tables = rng.integers(-8, 9, (groups, 2 ** bits)).astype(np.float32)
+    x = rng.integers(-8, 9, (batch, in_f)).astype(np.float32)
+    w = tables[np.arange(out_f)[:, None], codes] if axis == "row" else \
+        tables[np.arange(in_f)[None, :], codes]
+    return _C.pack_codes(codes, bits), tables, x, x.astype(np.float64) @ w.T.astype(np.float64)
+
+
+@pytest.mark.parametrize("kernel", ["scalar", "avx2", "avx512"])
+def test_every_cpu_kernel_path_is_exact_on_integer_data(kernel):
+    rng = np.random.default_rng(13)
+    if kernel not in _C.cpu_kernels():  # this CPU lacks it: forcing it must refuse
+        packed, tables, x, _ = _integer_lut_problem(rng, 3, 20, 1, 3, "row")
+        with pytest.raises(ValueError, match="not supported"):
+            _C.lut_matmul(x, packed, tables, 3, 20, "row", None, 0, False, kernel)
+        return
+    shapes = [(1, 1, 1), (5, 15, 1), (4, 16, 3), (7, 33, 4), (3, 100, 8), (6, 250, 9),
+              (2, 1027, 16), (9, 64, 17), (70, 37, 64), (5, 300, 65)]
+    for bits, axis, (out_f, in_f, batch) in itertools.product(range(1, 9), ("row", "column"), shapes):
+        packed, tables, x, ref = _integer_lut_problem(rng, out_f, in_f, batch, bits, axis)
+        y = _C.lut_matmul(x, packed, tables, bits, in_f, axis, None, 0, False, kernel)
+        np.testing.assert_array_equal(y, ref, err_msg=f"{kernel} bits={bits} {axis} "
+                                                      f"{out_f}x{in_f} batch={batch}")
+    with pytest.raises(ValueError, match="cpu kernel must be"):
+        _C.lut_matmul(x, packed, tables, bits, in_f, axis, None, 0, False, "sse9")
+
+
+def test_cpu_kernel_env_var_forces_a_path():
+    import subprocess
+    import sys
+
+    code = "from sqllm import _C; print(_C.cpu_kernel())"
+    env = dict(__import__("os").environ, SQLLM_CPU_KERNEL="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "scalar"
+    assert _C.cpu_kernels()[0] == "scalar" and _C.cpu_kernel() in _C.cpu_kernels()

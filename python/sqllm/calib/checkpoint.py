@@ -45,7 +45,8 @@ class SafetensorsCheckpoint:
         if index.is_file():
             try:
                 self.weight_map: Dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                    ValueError) as e:
                 raise ValueError(f"{index} is corrupt: {e}") from None
         elif (self.folder / "model.safetensors").is_file():
             from safetensors import safe_open
@@ -55,6 +56,9 @@ class SafetensorsCheckpoint:
         else:
             raise FileNotFoundError(f"{self.folder} has no model.safetensors (or "
                                     "model.safetensors.index.json)")
+        from ..io import check_inside
+
+        check_inside(self.folder, set(self.weight_map.values()), index)
         for fname in set(self.weight_map.values()):
             if not (self.folder / fname).is_file():
                 raise FileNotFoundError(f"{self.folder / fname} (named in the index) is missing")

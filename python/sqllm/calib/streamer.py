@@ -477,10 +477,13 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
                 for name in group:
                     stats[key].pop(name, None)
             # The replaced Linears are still referenced (by ``layers`` here and the
-            # caller's layer table): drop their weights now, not at the end.
-            for name, lin in group.items():
-                if name in quantized:
-                    release(lin)
+            # caller's layer table): on a meta model drop their weights now, not at
+            # the end (they can be read again).  An in-memory model keeps them until
+            # quantize() returns, so that a failure can put the original layers back.
+            if meta:
+                for name, lin in group.items():
+                    if name in quantized:
+                        release(lin)
 
         if sequential_groups and block_scoped and layers and not overrides and inputs is not None:
             if fp_inputs:
@@ -521,7 +524,8 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         q = qm.quantize_layer(name, lin, stats)
         set_module(model, name, q.to(home))
         layer_cfgs[name] = q.layer_config()
-        release(lin)
+        if meta:
+            release(lin)
 
     rest = {n: v for n, v in tensor_names(model, "").items()
             if _outside(n, blocks_name) and canonical.get(n, n) == n}
