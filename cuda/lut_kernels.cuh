@@ -159,6 +159,51 @@ __device__ __forceinline__ std::uint32_t extract_code(const std::uint32_t* w, in
   return v & ((1u << BITS) - 1u);
 }
 
+/// The end shared by both fast kernels: the warp owning rows row0 .. row0+R-1
+/// adds their CSR entries (lane-strided) into its sums, reduces each sum over
+/// the warp with a butterfly and stores it, rounded once to T.
+template <class T, int R, int NB>
+__device__ __forceinline__ void sparse_reduce_store(const FastParams& p, float (&acc)[R][NB], int row0,
+                                                    int lane) {
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  if (p.row_ptr != nullptr) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int o = row0 + r;
+      if (o < p.out) {
+        const std::int64_t k0 = __ldg(p.row_ptr + o);
+        std::int64_t k1 = __ldg(p.row_ptr + o + 1);
+        if (k1 > p.nnz) k1 = p.nnz;
+        for (std::int64_t k = k0 + lane; k < k1; k += 32) {
+          const int col = __ldg(p.col_idx + k);
+          if (col >= 0 && col < p.in) {
+            const float v = __half2float(__ldg(p.values + k));
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+              if (b < p.batch) acc[r][b] = fmaf(v, Act<T>::load(x + b * p.x_stride + col), acc[r][b]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // ---- reduce across the warp and store ----
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float v = acc[r][b];
+#pragma unroll
+      for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+      const int o = row0 + r;
+      if (lane == ((r * NB + b) & 31) && o < p.out && b < p.batch) {
+        static_cast<T*>(p.y)[b * p.y_stride + o] = Act<T>::from_float(v);
+      }
+    }
+  }
+}
+
 template <int BITS, class T, bool COL, int NB>
 __global__ void __launch_bounds__(fast_warps(NB) * 32)
     lut_gemv_fast_kernel(const FastParams p) {
@@ -339,43 +384,7 @@ __global__ void __launch_bounds__(fast_warps(NB) * 32)
     }
   }
 
-  // ---- Dense-and-Sparse part: the warp owning row o walks CSR row o ----
-  if (p.row_ptr != nullptr) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int o = row0 + r;
-      if (o < p.out) {
-        const std::int64_t k0 = __ldg(p.row_ptr + o);
-        std::int64_t k1 = __ldg(p.row_ptr + o + 1);
-        if (k1 > p.nnz) k1 = p.nnz;
-        for (std::int64_t k = k0 + lane; k < k1; k += 32) {
-          const int col = __ldg(p.col_idx + k);
-          if (col >= 0 && col < p.in) {
-            const float v = __half2float(__ldg(p.values + k));
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-              if (b < p.batch) acc[r][b] = fmaf(v, Act<T>::load(x + b * p.x_stride + col), acc[r][b]);
-            }
-          }
-        }
-      }
-    }
-  }
-
-  // ---- reduce across the warp and store ----
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-#pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      float v = acc[r][b];
-#pragma unroll
-      for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-      const int o = row0 + r;
-      if (lane == ((r * NB + b) & 31) && o < p.out && b < p.batch) {
-        static_cast<T*>(p.y)[b * p.y_stride + o] = Act<T>::from_float(v);
-      }
-    }
-  }
+  sparse_reduce_store<T, R, NB>(p, acc, row0, lane);
 }
 
 // ---------------------------------------------------------------------------
@@ -486,41 +495,7 @@ __global__ void __launch_bounds__(32) lut_gemv_warp_kernel(const FastParams p) {
     xp += 32 * 32;
   }
 
-  if (p.row_ptr != nullptr) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int o = row0 + r;
-      if (o < p.out) {
-        const std::int64_t k0 = __ldg(p.row_ptr + o);
-        std::int64_t k1 = __ldg(p.row_ptr + o + 1);
-        if (k1 > p.nnz) k1 = p.nnz;
-        for (std::int64_t k = k0 + lane; k < k1; k += 32) {
-          const int col = __ldg(p.col_idx + k);
-          if (col >= 0 && col < p.in) {
-            const float v = __half2float(__ldg(p.values + k));
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-              if (b < p.batch) acc[r][b] = fmaf(v, Act<T>::load(x + b * p.x_stride + col), acc[r][b]);
-            }
-          }
-        }
-      }
-    }
-  }
-
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-#pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      float v = acc[r][b];
-#pragma unroll
-      for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-      const int o = row0 + r;
-      if (lane == ((r * NB + b) & 31) && o < p.out && b < p.batch) {
-        static_cast<T*>(p.y)[b * p.y_stride + o] = Act<T>::from_float(v);
-      }
-    }
-  }
+  sparse_reduce_store<T, R, NB>(p, acc, row0, lane);
 }
 
 template <int BITS, class T, int NB>

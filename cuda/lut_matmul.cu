@@ -171,6 +171,29 @@ void launch_exact(const LutMatmulArgs& a, const Describe& ctx) {
   }
 }
 
+/// The fast kernels' parameters for batch rows b0 .. b0 + rows - 1 (both
+/// fast kernels take the same struct; the tiled one also sets tk).
+detail::FastParams fast_params(const LutMatmulArgs& a, std::int64_t b0, std::int64_t rows) {
+  const std::int64_t x_stride = a.x_stride == 0 ? a.in : a.x_stride;
+  const std::size_t esize = dtype_size(a.dtype);
+  detail::FastParams p{};
+  p.x = static_cast<const char*>(a.x) + static_cast<std::size_t>(b0 * x_stride) * esize;
+  p.y = static_cast<char*>(a.y) + static_cast<std::size_t>(b0 * a.out) * esize;
+  p.x_stride = x_stride;
+  p.y_stride = a.out;
+  p.batch = static_cast<int>(rows);
+  p.in = static_cast<int>(a.in);
+  p.out = static_cast<int>(a.out);
+  p.words = static_cast<int>(packed_words(a.in, a.bits));
+  p.codes = a.codes;
+  p.tables = a.tables;
+  p.row_ptr = a.csr_row_ptr;
+  p.col_idx = a.csr_col_idx;
+  p.values = static_cast<const __half*>(a.csr_values);
+  p.nnz = a.csr_row_ptr != nullptr ? a.nnz : 0;
+  return p;
+}
+
 /// Launch the fast kernel for all batch rows (tiles of <= 16); returns false
 /// (nothing launched) if its shared memory does not fit this device.
 bool try_launch_fast(const LutMatmulArgs& a, const Describe& ctx) {
@@ -181,26 +204,10 @@ bool try_launch_fast(const LutMatmulArgs& a, const Describe& ctx) {
   if (detail::fast_smem_bytes(nb_max, a.column_grouping, K, tk_max) > static_cast<std::size_t>(optin)) {
     return false;
   }
-  const std::int64_t x_stride = a.x_stride == 0 ? a.in : a.x_stride;
-  const std::size_t esize = dtype_size(a.dtype);
   for (std::int64_t b0 = 0; b0 < a.batch; b0 += kFastMaxBatch) {
     const std::int64_t rows = std::min<std::int64_t>(kFastMaxBatch, a.batch - b0);
     const int nb = batch_tile(rows);
-    detail::FastParams p{};
-    p.x = static_cast<const char*>(a.x) + static_cast<std::size_t>(b0 * x_stride) * esize;
-    p.y = static_cast<char*>(a.y) + static_cast<std::size_t>(b0 * a.out) * esize;
-    p.x_stride = x_stride;
-    p.y_stride = a.out;
-    p.batch = static_cast<int>(rows);
-    p.in = static_cast<int>(a.in);
-    p.out = static_cast<int>(a.out);
-    p.words = static_cast<int>(packed_words(a.in, a.bits));
-    p.codes = a.codes;
-    p.tables = a.tables;
-    p.row_ptr = a.csr_row_ptr;
-    p.col_idx = a.csr_col_idx;
-    p.values = static_cast<const __half*>(a.csr_values);
-    p.nnz = a.csr_row_ptr != nullptr ? a.nnz : 0;
+    detail::FastParams p = fast_params(a, b0, rows);
     p.tk = detail::fast_tile_columns(a.in, nb, a.column_grouping, K);
     const std::size_t smem = detail::fast_smem_bytes(nb, a.column_grouping, K, p.tk);
     const auto stream = static_cast<cudaStream_t>(a.stream);
@@ -215,26 +222,10 @@ bool try_launch_fast(const LutMatmulArgs& a, const Describe& ctx) {
 
 /// Launch the warp kernel for all batch rows (tiles of <= 8).
 void launch_warp_all(const LutMatmulArgs& a, const Describe& ctx) {
-  const std::int64_t x_stride = a.x_stride == 0 ? a.in : a.x_stride;
-  const std::size_t esize = dtype_size(a.dtype);
   for (std::int64_t b0 = 0; b0 < a.batch; b0 += detail::kWarpMaxBatch) {
     const std::int64_t rows = std::min<std::int64_t>(detail::kWarpMaxBatch, a.batch - b0);
     const int nb = batch_tile(rows);
-    detail::FastParams p{};
-    p.x = static_cast<const char*>(a.x) + static_cast<std::size_t>(b0 * x_stride) * esize;
-    p.y = static_cast<char*>(a.y) + static_cast<std::size_t>(b0 * a.out) * esize;
-    p.x_stride = x_stride;
-    p.y_stride = a.out;
-    p.batch = static_cast<int>(rows);
-    p.in = static_cast<int>(a.in);
-    p.out = static_cast<int>(a.out);
-    p.words = static_cast<int>(packed_words(a.in, a.bits));
-    p.codes = a.codes;
-    p.tables = a.tables;
-    p.row_ptr = a.csr_row_ptr;
-    p.col_idx = a.csr_col_idx;
-    p.values = static_cast<const __half*>(a.csr_values);
-    p.nnz = a.csr_row_ptr != nullptr ? a.nnz : 0;
+    detail::FastParams p = fast_params(a, b0, rows);
     const auto stream = static_cast<cudaStream_t>(a.stream);
     cudaError_t err = cudaSuccess;
     SQLLM_DISPATCH_FAST_BITS(a.bits, BITS, { err = detail::launch_warp_bits<BITS>(p, a.dtype, nb, stream); });
