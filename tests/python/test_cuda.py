@@ -458,6 +458,10 @@ def test_bad_inputs_raise():
         lut_matmul_cuda(x, codes, tables, 2, 64, 8, csr=(csr[0], csr[1], csr[2].float()))
     with pytest.raises(ValueError, match="bits"):
         lut_matmul_cuda(x, codes, tables, 9, 64, 8)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        lut_matmul_cuda(x, codes, tables, 2, 64, 8, kernel="fastest")
+    with pytest.raises(ValueError, match="needs precision='fast'"):
+        lut_matmul_cuda(x, codes, tables, 2, 64, 8, precision="fp32", kernel="warp")
 
 
 # ---------------------------------------------------------------------------
