@@ -9,10 +9,12 @@
 // (torch.cuda.current_stream().cuda_stream); they release the GIL.
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "bindings.hpp"
 #include "sqllm/float_emu.hpp"
@@ -77,12 +79,13 @@ py::array lut_matmul_reference(const carray<float>& x, const carray<std::uint32_
   reference::LutMatmulView v;
   v.x = x.data();
   v.batch = x.shape(0);
-  v.in = in_features;
-  v.out = out;
-  v.bits = bits;
-  v.codes = codes.data();
-  v.tables = tables.data();
-  v.column_grouping = column_grouping;
+  v.w.in = static_cast<std::size_t>(in_features);
+  v.w.out = static_cast<std::size_t>(out);
+  v.w.bits = bits;
+  v.w.codes = codes.data();
+  v.w.tables = tables.data();
+  v.w.axis = column_grouping ? GroupAxis::Column : GroupAxis::Row;
+  std::vector<std::uint16_t> values_h;  // the format stores fp16 values
   if (csr) {
     const auto& [row_ptr, col_idx, values] = *csr;
     check_ndim(row_ptr, 1, "csr row_ptr");
@@ -92,10 +95,14 @@ py::array lut_matmul_reference(const carray<float>& x, const carray<std::uint32_
                 " entries, got ", row_ptr.shape(0));
     SQLLM_CHECK(col_idx.shape(0) == values.shape(0), "csr col_idx and values differ in length: ",
                 col_idx.shape(0), " vs ", values.shape(0));
-    v.csr_row_ptr = row_ptr.data();
-    v.csr_col_idx = col_idx.data();
-    v.csr_values = values.data();
-    v.nnz = col_idx.shape(0);
+    values_h.resize(static_cast<std::size_t>(values.shape(0)));
+    for (std::size_t k = 0; k < values_h.size(); ++k) {
+      const float f = values.data()[k];
+      values_h[k] = float_to_half_bits(f);
+      SQLLM_CHECK(half_bits_to_float(values_h[k]) == f || std::isnan(f), "csr values[", k, "]=", f,
+                  " is not an fp16 value (the sparse part is stored in fp16)");
+    }
+    v.w.sparse = CsrView{row_ptr.data(), col_idx.data(), values_h.data(), values_h.size()};
   }
   if (precision == "float64") {
     py::array_t<double> y({static_cast<py::ssize_t>(v.batch), static_cast<py::ssize_t>(out)});
@@ -127,6 +134,29 @@ cuda::DType parse_dtype(const std::string& name) {
 template <class T>
 T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
+}
+
+/// The one place device pointers from Python become a LutView (checked by
+/// the launchers through check_lut_view).
+LutView device_lut_view(std::uintptr_t codes, std::uintptr_t tables, std::int64_t in_features,
+                        std::int64_t out_features, int bits, bool column_grouping,
+                        std::uintptr_t csr_row_ptr, std::uintptr_t csr_col_idx,
+                        std::uintptr_t csr_values, std::int64_t nnz) {
+  SQLLM_CHECK(in_features >= 1 && out_features >= 1 && nnz >= 0,
+              "in_features and out_features must be >= 1 and nnz >= 0, got in_features=",
+              in_features, ", out_features=", out_features, ", nnz=", nnz);
+  LutView v;
+  v.codes = ptr<const std::uint32_t>(codes);
+  v.tables = ptr<const float>(tables);
+  v.in = static_cast<std::size_t>(in_features);
+  v.out = static_cast<std::size_t>(out_features);
+  v.bits = bits;
+  v.axis = column_grouping ? GroupAxis::Column : GroupAxis::Row;
+  v.sparse.row_ptr = ptr<const std::int32_t>(csr_row_ptr);
+  v.sparse.col_idx = ptr<const std::int32_t>(csr_col_idx);
+  v.sparse.values = ptr<const std::uint16_t>(csr_values);
+  v.sparse.nnz = static_cast<std::size_t>(nnz);
+  return v;
 }
 #endif
 
@@ -178,17 +208,9 @@ void init_cuda(py::module_& m) {
         a.x = ptr<const void>(x);
         a.y = ptr<void>(y);
         a.batch = batch;
-        a.in = in_features;
-        a.out = out_features;
         a.x_stride = x_stride;
-        a.bits = bits;
-        a.codes = ptr<const std::uint32_t>(codes);
-        a.tables = ptr<const float>(tables);
-        a.column_grouping = column_grouping;
-        a.csr_row_ptr = ptr<const std::int32_t>(csr_row_ptr);
-        a.csr_col_idx = ptr<const std::int32_t>(csr_col_idx);
-        a.csr_values = ptr<const void>(csr_values);
-        a.nnz = nnz;
+        a.layer = device_lut_view(codes, tables, in_features, out_features, bits, column_grouping,
+                                  csr_row_ptr, csr_col_idx, csr_values, nnz);
         a.dtype = parse_dtype(dtype);
         a.precision = parse_precision(precision, mul_exp, mul_man, acc_exp, acc_man);
         if (exact) {
@@ -222,16 +244,8 @@ void init_cuda(py::module_& m) {
          std::uintptr_t csr_col_idx, std::uintptr_t csr_values, std::int64_t nnz, std::uintptr_t w,
          const std::string& dtype, std::uintptr_t stream) {
         cuda::DequantizeArgs a;
-        a.codes = ptr<const std::uint32_t>(codes);
-        a.tables = ptr<const float>(tables);
-        a.in = in_features;
-        a.out = out_features;
-        a.bits = bits;
-        a.column_grouping = column_grouping;
-        a.csr_row_ptr = ptr<const std::int32_t>(csr_row_ptr);
-        a.csr_col_idx = ptr<const std::int32_t>(csr_col_idx);
-        a.csr_values = ptr<const void>(csr_values);
-        a.nnz = nnz;
+        a.layer = device_lut_view(codes, tables, in_features, out_features, bits, column_grouping,
+                                  csr_row_ptr, csr_col_idx, csr_values, nnz);
         a.w = ptr<void>(w);
         a.dtype = parse_dtype(dtype);
         a.stream = ptr<void>(stream);

@@ -55,6 +55,25 @@ void check_tables(const carray<float>& tables, std::size_t out, std::size_t in, 
               " grouping, got (", tables.shape(0), ", ", tables.shape(1), ")");
 }
 
+/// The one place Python arrays become a LutView (array shapes checked here;
+/// the view itself is validated by check_lut_view where it is used).
+LutView lut_view(const carray<std::uint32_t>& packed, const carray<float>& tables,
+                 std::size_t in_features, int bits, const std::string& group_axis,
+                 const std::optional<CsrArrays>& sparse) {
+  check_bits(bits);
+  LutView v;
+  v.bits = bits;
+  v.axis = parse_group_axis(group_axis);
+  v.in = in_features;
+  check_packed(packed, in_features, bits, "qweight");
+  v.out = static_cast<std::size_t>(packed.shape(0));
+  check_tables(tables, v.out, in_features, bits, v.axis);
+  v.codes = packed.data();
+  v.tables = tables.data();
+  if (sparse) v.sparse = csr_view(*sparse, v.out);
+  return v;
+}
+
 }  // namespace
 
 void init_quant(py::module_& m) {
@@ -139,16 +158,12 @@ void init_quant(py::module_& m) {
       "nuq_dequantize",
       [](const carray<std::uint32_t>& packed, const carray<float>& tables, std::size_t in_features,
          int bits, const std::string& group_axis) {
-        check_bits(bits);
-        const GroupAxis axis = parse_group_axis(group_axis);
-        check_packed(packed, in_features, bits, "qweight");
-        const auto out = static_cast<std::size_t>(packed.shape(0));
-        check_tables(tables, out, in_features, bits, axis);
-        carray<float> w({out, in_features});
+        const LutView v = lut_view(packed, tables, in_features, bits, group_axis, std::nullopt);
+        check_lut_view(v);
+        carray<float> w({v.out, in_features});
         {
           py::gil_scoped_release nogil;
-          nuq_dequantize(packed.data(), tables.data(), out, in_features, bits, axis,
-                         w.mutable_data());
+          lut_dequantize(v, w.mutable_data());
         }
         return w;
       },
@@ -161,23 +176,19 @@ void init_quant(py::module_& m) {
          int bits, std::size_t in_features, const std::string& group_axis,
          std::optional<CsrArrays> sparse, int num_threads, bool sparse_checked,
          const std::string& kernel) {
-        check_bits(bits);
         const CpuKernel ker = parse_cpu_kernel(kernel);
-        const GroupAxis axis = parse_group_axis(group_axis);
+        const LutView v = lut_view(packed, tables, in_features, bits, group_axis, sparse);
         check_ndim(x, 2, "x");
         SQLLM_CHECK(static_cast<std::size_t>(x.shape(1)) == in_features, "x has ", x.shape(1),
                     " features but the layer expects in_features=", in_features);
-        check_packed(packed, in_features, bits, "qweight");
-        const auto out = static_cast<std::size_t>(packed.shape(0));
-        check_tables(tables, out, in_features, bits, axis);
+        // Validated here (cheap parts) or by lut_matmul (the CSR walk, unless
+        // the caller says it validated the sparse part at load time).
+        check_lut_view(v, /*check_sparse_contents=*/!sparse_checked);
         const auto batch = static_cast<std::size_t>(x.shape(0));
-        CsrView csr;
-        if (sparse) csr = csr_view(*sparse, out);
-        carray<float> y({batch, out});
+        carray<float> y({batch, v.out});
         {
           py::gil_scoped_release nogil;
-          lut_matmul(x.data(), batch, in_features, out, packed.data(), tables.data(), bits, axis,
-                     sparse ? &csr : nullptr, y.mutable_data(), num_threads, sparse_checked, ker);
+          lut_matmul(v, x.data(), batch, y.mutable_data(), num_threads, /*checked=*/true, ker);
         }
         return y;
       },

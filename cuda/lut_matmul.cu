@@ -17,6 +17,20 @@ namespace sqllm {
 namespace cuda {
 namespace {
 
+// The layer's sizes as the signed integers the launch arithmetic uses.
+template <class Args>
+std::int64_t in64(const Args& a) {
+  return static_cast<std::int64_t>(a.layer.in);
+}
+template <class Args>
+std::int64_t out64(const Args& a) {
+  return static_cast<std::int64_t>(a.layer.out);
+}
+template <class Args>
+std::int64_t nnz64(const Args& a) {
+  return a.layer.sparse.row_ptr != nullptr ? static_cast<std::int64_t>(a.layer.sparse.nnz) : 0;
+}
+
 const char* dtype_name(DType d) {
   switch (d) {
     case DType::F16:
@@ -36,13 +50,13 @@ struct Describe {
 };
 std::ostream& operator<<(std::ostream& os, const Describe& d) {
   const LutMatmulArgs& a = d.a;
-  const std::int64_t K = (a.bits >= 1 && a.bits <= 8) ? (std::int64_t{1} << a.bits) : 0;
+  const std::int64_t K = (a.layer.bits >= 1 && a.layer.bits <= 8) ? (std::int64_t{1} << a.layer.bits) : 0;
   const std::int64_t W =
-      (a.bits >= 1 && a.bits <= 8 && a.in > 0) ? static_cast<std::int64_t>(packed_words(a.in, a.bits)) : 0;
-  return os << "x[" << a.batch << ", " << a.in << "] " << dtype_name(a.dtype) << ", codes[" << a.out << ", " << W
-            << "] bits=" << a.bits << ", tables[" << (a.column_grouping ? a.in : a.out) << ", " << K << "] "
-            << (a.column_grouping ? "column" : "row") << " grouping, y[" << a.batch << ", " << a.out
-            << "], nnz=" << a.nnz << ", precision=" << precision_name(a.precision.mode);
+      (a.layer.bits >= 1 && a.layer.bits <= 8 && in64(a) > 0) ? static_cast<std::int64_t>(packed_words(in64(a), a.layer.bits)) : 0;
+  return os << "x[" << a.batch << ", " << in64(a) << "] " << dtype_name(a.dtype) << ", codes[" << out64(a) << ", " << W
+            << "] bits=" << a.layer.bits << ", tables[" << (a.layer.column_grouping() ? in64(a) : out64(a)) << ", " << K << "] "
+            << (a.layer.column_grouping() ? "column" : "row") << " grouping, y[" << a.batch << ", " << out64(a)
+            << "], nnz=" << nnz64(a) << ", precision=" << precision_name(a.precision.mode);
 }
 
 /// One fast-kernel launch: the problem plus the launch's tiling.
@@ -61,9 +75,9 @@ struct DescribeDequant {
 };
 std::ostream& operator<<(std::ostream& os, const DescribeDequant& d) {
   const DequantizeArgs& a = d.a;
-  const std::int64_t K = (a.bits >= 1 && a.bits <= 8) ? (std::int64_t{1} << a.bits) : 0;
-  return os << "codes[" << a.out << ", W] bits=" << a.bits << ", tables[" << (a.column_grouping ? a.in : a.out)
-            << ", " << K << "], W_out[" << a.out << ", " << a.in << "] " << dtype_name(a.dtype) << ", nnz=" << a.nnz;
+  const std::int64_t K = (a.layer.bits >= 1 && a.layer.bits <= 8) ? (std::int64_t{1} << a.layer.bits) : 0;
+  return os << "codes[" << out64(a) << ", W] bits=" << a.layer.bits << ", tables[" << (a.layer.column_grouping() ? in64(a) : out64(a))
+            << ", " << K << "], W_out[" << out64(a) << ", " << in64(a) << "] " << dtype_name(a.dtype) << ", nnz=" << nnz64(a);
 }
 
 template <class Context>
@@ -99,32 +113,34 @@ int batch_tile(std::int64_t rows) {
 
 std::size_t dtype_size(DType d) { return d == DType::F32 ? 4 : 2; }
 
+/// The layer through check_lut_view (the one validation of the format; the
+/// CSR contents are on the device), with the problem named in the message.
+template <class Context>
+void check_layer(const LutView& layer, const char* what, const Context& ctx) {
+  try {
+    check_lut_view(layer, /*check_sparse_contents=*/false);
+  } catch (const Error& e) {
+    throw Error(::sqllm::detail::concat(what, ": ", e.what(), " (", ctx, ")"));
+  }
+  SQLLM_CHECK(layer.in <= static_cast<std::size_t>(std::numeric_limits<int>::max()) &&
+                  layer.out <= static_cast<std::size_t>(std::numeric_limits<int>::max()) &&
+                  layer.sparse.nnz <= static_cast<std::size_t>(std::numeric_limits<int>::max()),
+              what, ": in, out and nnz must be below 2^31 (", ctx, ")");
+}
+
 void validate(const LutMatmulArgs& a) {
   const Describe ctx{a};
-  SQLLM_CHECK(a.bits >= kMinBits && a.bits <= kMaxBits, "lut_matmul: bits must be in 1..8, got ",
-              a.bits, " (", ctx, ")");
+  check_layer(a.layer, "lut_matmul", ctx);
   SQLLM_CHECK(a.batch >= 0, "lut_matmul: batch must be >= 0 (", ctx, ")");
-  SQLLM_CHECK(a.in >= 1 && a.in <= std::numeric_limits<int>::max() && a.out >= 1 &&
-                  a.out <= std::numeric_limits<int>::max(),
-              "lut_matmul: in and out must be in 1..2^31-1 (", ctx, ")");
-  SQLLM_CHECK(a.x_stride == 0 || a.x_stride >= a.in, "lut_matmul: x row stride ", a.x_stride,
+  SQLLM_CHECK(a.x_stride == 0 || a.x_stride >= in64(a), "lut_matmul: x row stride ", a.x_stride,
               " is smaller than in (", ctx, ")");
   SQLLM_CHECK(a.dtype == DType::F16 || a.dtype == DType::BF16 || a.dtype == DType::F32,
               "lut_matmul: unknown dtype ", static_cast<int>(a.dtype));
   SQLLM_CHECK(a.kernel == Kernel::Auto || a.kernel == Kernel::Exact || a.kernel == Kernel::Tiled ||
                   a.kernel == Kernel::Warp,
               "lut_matmul: unknown kernel ", static_cast<int>(a.kernel));
-  SQLLM_CHECK(a.codes != nullptr && a.tables != nullptr,
-              "lut_matmul: codes and tables must be device pointers, got null (", ctx, ")");
   SQLLM_CHECK(a.batch == 0 || (a.x != nullptr && a.y != nullptr),
               "lut_matmul: x and y must be device pointers, got null (", ctx, ")");
-  const bool any_csr = a.csr_row_ptr != nullptr || a.csr_col_idx != nullptr || a.csr_values != nullptr;
-  if (any_csr) {
-    SQLLM_CHECK(a.csr_row_ptr != nullptr && a.nnz >= 0 && a.nnz <= std::numeric_limits<int>::max() &&
-                    (a.nnz == 0 || (a.csr_col_idx != nullptr && a.csr_values != nullptr)),
-                "lut_matmul: CSR needs row_ptr[out+1] and, for nnz > 0, col_idx and values (", ctx,
-                ")");
-  }
   try {
     check_precision(a.precision);
   } catch (const Error& e) {
@@ -137,20 +153,20 @@ void launch_exact_typed(const LutMatmulArgs& a, const Describe& ctx) {
   detail::ExactParams p{};
   p.x = a.x;
   p.y = a.y;
-  p.x_stride = a.x_stride == 0 ? a.in : a.x_stride;
+  p.x_stride = a.x_stride == 0 ? in64(a) : a.x_stride;
   p.batch = a.batch;
-  p.in = a.in;
-  p.out = a.out;
-  p.words = static_cast<std::int64_t>(packed_words(a.in, a.bits));
-  p.bits = a.bits;
-  p.col = a.column_grouping;
-  p.codes = a.codes;
-  p.tables = a.tables;
-  p.row_ptr = a.csr_row_ptr;
-  p.col_idx = a.csr_col_idx;
-  p.values = static_cast<const __half*>(a.csr_values);
-  p.nnz = a.csr_row_ptr != nullptr ? a.nnz : 0;
-  const unsigned grid = static_cast<unsigned>((a.out + detail::kExactWarps - 1) / detail::kExactWarps);
+  p.in = in64(a);
+  p.out = out64(a);
+  p.words = static_cast<std::int64_t>(packed_words(in64(a), a.layer.bits));
+  p.bits = a.layer.bits;
+  p.col = a.layer.column_grouping();
+  p.codes = a.layer.codes;
+  p.tables = a.layer.tables;
+  p.row_ptr = a.layer.sparse.row_ptr;
+  p.col_idx = a.layer.sparse.col_idx;
+  p.values = reinterpret_cast<const __half*>(a.layer.sparse.values);
+  p.nnz = nnz64(a);
+  const unsigned grid = static_cast<unsigned>((out64(a) + detail::kExactWarps - 1) / detail::kExactWarps);
   const auto stream = static_cast<cudaStream_t>(a.stream);
   visit_precision(a.precision, [&](const auto& ar) {
     using Arith = std::decay_t<decltype(ar)>;
@@ -174,46 +190,46 @@ void launch_exact(const LutMatmulArgs& a, const Describe& ctx) {
 /// The fast kernels' parameters for batch rows b0 .. b0 + rows - 1 (both
 /// fast kernels take the same struct; the tiled one also sets tk).
 detail::FastParams fast_params(const LutMatmulArgs& a, std::int64_t b0, std::int64_t rows) {
-  const std::int64_t x_stride = a.x_stride == 0 ? a.in : a.x_stride;
+  const std::int64_t x_stride = a.x_stride == 0 ? in64(a) : a.x_stride;
   const std::size_t esize = dtype_size(a.dtype);
   detail::FastParams p{};
   p.x = static_cast<const char*>(a.x) + static_cast<std::size_t>(b0 * x_stride) * esize;
-  p.y = static_cast<char*>(a.y) + static_cast<std::size_t>(b0 * a.out) * esize;
+  p.y = static_cast<char*>(a.y) + static_cast<std::size_t>(b0 * out64(a)) * esize;
   p.x_stride = x_stride;
-  p.y_stride = a.out;
+  p.y_stride = out64(a);
   p.batch = static_cast<int>(rows);
-  p.in = static_cast<int>(a.in);
-  p.out = static_cast<int>(a.out);
-  p.words = static_cast<int>(packed_words(a.in, a.bits));
-  p.codes = a.codes;
-  p.tables = a.tables;
-  p.row_ptr = a.csr_row_ptr;
-  p.col_idx = a.csr_col_idx;
-  p.values = static_cast<const __half*>(a.csr_values);
-  p.nnz = a.csr_row_ptr != nullptr ? a.nnz : 0;
+  p.in = static_cast<int>(in64(a));
+  p.out = static_cast<int>(out64(a));
+  p.words = static_cast<int>(packed_words(in64(a), a.layer.bits));
+  p.codes = a.layer.codes;
+  p.tables = a.layer.tables;
+  p.row_ptr = a.layer.sparse.row_ptr;
+  p.col_idx = a.layer.sparse.col_idx;
+  p.values = reinterpret_cast<const __half*>(a.layer.sparse.values);
+  p.nnz = nnz64(a);
   return p;
 }
 
 /// Launch the fast kernel for all batch rows (tiles of <= 16); returns false
 /// (nothing launched) if its shared memory does not fit this device.
 bool try_launch_fast(const LutMatmulArgs& a, const Describe& ctx) {
-  const int K = 1 << a.bits;
+  const int K = 1 << a.layer.bits;
   const int optin = max_smem_optin();
   const int nb_max = batch_tile(a.batch);
-  const int tk_max = detail::fast_tile_columns(a.in, nb_max, a.column_grouping, K);
-  if (detail::fast_smem_bytes(nb_max, a.column_grouping, K, tk_max) > static_cast<std::size_t>(optin)) {
+  const int tk_max = detail::fast_tile_columns(in64(a), nb_max, a.layer.column_grouping(), K);
+  if (detail::fast_smem_bytes(nb_max, a.layer.column_grouping(), K, tk_max) > static_cast<std::size_t>(optin)) {
     return false;
   }
   for (std::int64_t b0 = 0; b0 < a.batch; b0 += kFastMaxBatch) {
     const std::int64_t rows = std::min<std::int64_t>(kFastMaxBatch, a.batch - b0);
     const int nb = batch_tile(rows);
     detail::FastParams p = fast_params(a, b0, rows);
-    p.tk = detail::fast_tile_columns(a.in, nb, a.column_grouping, K);
-    const std::size_t smem = detail::fast_smem_bytes(nb, a.column_grouping, K, p.tk);
+    p.tk = detail::fast_tile_columns(in64(a), nb, a.layer.column_grouping(), K);
+    const std::size_t smem = detail::fast_smem_bytes(nb, a.layer.column_grouping(), K, p.tk);
     const auto stream = static_cast<cudaStream_t>(a.stream);
     cudaError_t err = cudaSuccess;
-    SQLLM_DISPATCH_FAST_BITS(a.bits, BITS, {
-      err = detail::launch_fast_bits<BITS>(p, a.dtype, a.column_grouping, nb, smem, stream);
+    SQLLM_DISPATCH_FAST_BITS(a.layer.bits, BITS, {
+      err = detail::launch_fast_bits<BITS>(p, a.dtype, a.layer.column_grouping(), nb, smem, stream);
     });
     check_cuda(err, "fast LUT GEMV launch", DescribeFast{ctx, nb, p.tk, smem});
   }
@@ -228,7 +244,7 @@ void launch_warp_all(const LutMatmulArgs& a, const Describe& ctx) {
     detail::FastParams p = fast_params(a, b0, rows);
     const auto stream = static_cast<cudaStream_t>(a.stream);
     cudaError_t err = cudaSuccess;
-    SQLLM_DISPATCH_FAST_BITS(a.bits, BITS, { err = detail::launch_warp_bits<BITS>(p, a.dtype, nb, stream); });
+    SQLLM_DISPATCH_FAST_BITS(a.layer.bits, BITS, { err = detail::launch_warp_bits<BITS>(p, a.dtype, nb, stream); });
     check_cuda(err, "warp LUT GEMV launch", ctx);
   }
 }
@@ -236,10 +252,10 @@ void launch_warp_all(const LutMatmulArgs& a, const Describe& ctx) {
 }  // namespace
 
 bool warp_kernel_applies(const LutMatmulArgs& a) {
-  if (a.column_grouping || a.bits < 2 || a.bits > 4 || a.precision.mode != Precision::FP32) return false;
-  if (a.in < 32 || a.in % 32 != 0) return false;
+  if (a.layer.column_grouping() || a.layer.bits < 2 || a.layer.bits > 4 || a.precision.mode != Precision::FP32) return false;
+  if (in64(a) < 32 || in64(a) % 32 != 0) return false;
   if (reinterpret_cast<std::uintptr_t>(a.x) % 16 != 0) return false;
-  const std::int64_t x_stride = a.x_stride == 0 ? a.in : a.x_stride;
+  const std::int64_t x_stride = a.x_stride == 0 ? in64(a) : a.x_stride;
   return a.batch <= 1 || (static_cast<std::size_t>(x_stride) * dtype_size(a.dtype)) % 16 == 0;
 }
 
@@ -247,7 +263,7 @@ void lut_matmul(const LutMatmulArgs& a) {
   validate(a);
   if (a.batch == 0) return;
   const Describe ctx{a};
-  const bool fast_ok = a.precision.mode == Precision::FP32 && a.bits >= 2 && a.bits <= 4;
+  const bool fast_ok = a.precision.mode == Precision::FP32 && a.layer.bits >= 2 && a.layer.bits <= 4;
   if (a.kernel == Kernel::Tiled || a.kernel == Kernel::Warp) {
     SQLLM_CHECK(fast_ok, "lut_matmul: the ", a.kernel == Kernel::Tiled ? "tiled" : "warp",
                 " kernel needs precision fp32 and bits 2..4 (", ctx, ")");
@@ -272,43 +288,34 @@ void lut_matmul(const LutMatmulArgs& a) {
 
 void dequantize(const DequantizeArgs& a) {
   const DescribeDequant ctx{a};
-  SQLLM_CHECK(a.bits >= kMinBits && a.bits <= kMaxBits, "dequantize: bits must be in 1..8, got ",
-              a.bits, " (", ctx, ")");
-  SQLLM_CHECK(a.in >= 1 && a.out >= 1, "dequantize: in and out must be >= 1 (", ctx, ")");
-  SQLLM_CHECK(a.codes != nullptr && a.tables != nullptr && a.w != nullptr,
-              "dequantize: codes, tables and w must be device pointers, got null (", ctx, ")");
+  check_layer(a.layer, "dequantize", ctx);
+  SQLLM_CHECK(a.w != nullptr, "dequantize: w must be a device pointer, got null (", ctx, ")");
   SQLLM_CHECK(a.dtype == DType::F16 || a.dtype == DType::BF16 || a.dtype == DType::F32,
               "dequantize: unknown dtype ", static_cast<int>(a.dtype));
-  const bool any_csr = a.csr_row_ptr != nullptr || a.csr_col_idx != nullptr || a.csr_values != nullptr;
-  if (any_csr) {
-    SQLLM_CHECK(a.csr_row_ptr != nullptr && a.nnz >= 0 &&
-                    (a.nnz == 0 || (a.csr_col_idx != nullptr && a.csr_values != nullptr)),
-                "dequantize: CSR needs row_ptr[out+1] and, for nnz > 0, col_idx and values (", ctx, ")");
-  }
   detail::DequantParams p{};
-  p.codes = a.codes;
-  p.tables = a.tables;
-  p.in = a.in;
-  p.out = a.out;
-  p.words = static_cast<std::int64_t>(packed_words(a.in, a.bits));
-  p.bits = a.bits;
-  p.col = a.column_grouping;
-  p.vec = a.in % 8 == 0 && reinterpret_cast<std::uintptr_t>(a.w) % 16 == 0;
-  p.row_ptr = a.csr_row_ptr;
-  p.col_idx = a.csr_col_idx;
-  p.values = static_cast<const __half*>(a.csr_values);
-  p.nnz = a.nnz;
+  p.codes = a.layer.codes;
+  p.tables = a.layer.tables;
+  p.in = in64(a);
+  p.out = out64(a);
+  p.words = static_cast<std::int64_t>(packed_words(in64(a), a.layer.bits));
+  p.bits = a.layer.bits;
+  p.col = a.layer.column_grouping();
+  p.vec = in64(a) % 8 == 0 && reinterpret_cast<std::uintptr_t>(a.w) % 16 == 0;
+  p.row_ptr = a.layer.sparse.row_ptr;
+  p.col_idx = a.layer.sparse.col_idx;
+  p.values = reinterpret_cast<const __half*>(a.layer.sparse.values);
+  p.nnz = nnz64(a);
   p.w = a.w;
   const auto stream = static_cast<cudaStream_t>(a.stream);
-  const std::int64_t total = a.out * ((a.in + 7) / 8);
+  const std::int64_t total = out64(a) * ((in64(a) + 7) / 8);
   const unsigned grid = static_cast<unsigned>(std::min<std::int64_t>((total + 255) / 256, 1 << 20));
-  const unsigned sgrid = static_cast<unsigned>((a.out + 255) / 256);
+  const unsigned sgrid = static_cast<unsigned>((out64(a) + 255) / 256);
   auto run = [&](auto tag) {
     using T = decltype(tag);
     auto dense_kernel = detail::dequantize_kernel<T>;
     SQLLM_KERNEL_LAUNCH(dense_kernel, grid, 256, 0, stream, p);
     check_cuda(cudaGetLastError(), "dequantize launch", ctx);
-    if (a.csr_row_ptr != nullptr && a.nnz > 0) {
+    if (a.layer.sparse.row_ptr != nullptr && nnz64(a) > 0) {
       auto sparse_kernel = detail::dequantize_sparse_kernel<T>;
       SQLLM_KERNEL_LAUNCH(sparse_kernel, sgrid, 256, 0, stream, p);
       check_cuda(cudaGetLastError(), "dequantize (sparse part) launch", ctx);

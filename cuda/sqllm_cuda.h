@@ -6,18 +6,23 @@
 // message; launch errors (cudaGetLastError) are thrown the same way.  Calls
 // are asynchronous with respect to the host.
 //
-// The format (docs/formats.md, sqllm/packing.hpp):
+// The format (docs/formats.md): the layer is a sqllm::LutView
+// (sqllm/format/lut.hpp, the same struct the CPU kernel and the references
+// take) whose pointers are device pointers:
 //   y[b, o] = sum_i x[b, i] * W[o, i]  (+ sum_{k in CSR row o} values[k] * x[b, col_idx[k]])
 //   codes   uint32 [out, W], W = packed_words(in, bits), row-major;
 //   tables  float32 [out, 2^bits] (row grouping) or [in, 2^bits] (column grouping);
 //   CSR     optional: row_ptr int32 [out + 1], col_idx int32 [nnz], values fp16 [nnz];
 //   x       [batch, in] with row stride x_stride (elements, >= in), y [batch, out]
 //           contiguous, both of `dtype`.
+// The CSR contents live on the device and are not walked here: validate them
+// on the host once (check_csr) before the first launch.
 #pragma once
 
 #include <cstdint>
 
 #include "sqllm/float_emu.hpp"
+#include "sqllm/format/lut.hpp"
 
 namespace sqllm {
 namespace cuda {
@@ -46,20 +51,11 @@ enum class DType : int { F16 = 0, BF16 = 1, F32 = 2 };
 enum class Kernel : int { Auto = 0, Exact = 1, Tiled = 2, Warp = 3 };
 
 struct LutMatmulArgs {
+  LutView layer;            ///< codes, tables, grouping, bits (1..8; fast kernel 2..4), CSR
   const void* x = nullptr;  ///< [batch, in], dtype, row stride x_stride
   void* y = nullptr;        ///< [batch, out], dtype, contiguous
   std::int64_t batch = 0;   ///< 0 is a no-op
-  std::int64_t in = 0;
-  std::int64_t out = 0;
   std::int64_t x_stride = 0;  ///< 0 means `in`
-  int bits = 0;               ///< 1..8 (fast kernel: 2, 3, 4)
-  const std::uint32_t* codes = nullptr;
-  const float* tables = nullptr;
-  bool column_grouping = false;
-  const std::int32_t* csr_row_ptr = nullptr;  ///< null: no sparse part
-  const std::int32_t* csr_col_idx = nullptr;
-  const void* csr_values = nullptr;  ///< fp16 [nnz]
-  std::int64_t nnz = 0;
   DType dtype = DType::F16;
   PrecisionConfig precision{};  ///< FP32 / FP16 / Emulated{mul, acc formats}
   Kernel kernel = Kernel::Auto;
@@ -73,19 +69,10 @@ struct LutMatmulArgs {
 void lut_matmul(const LutMatmulArgs& args);
 
 struct DequantizeArgs {
-  const std::uint32_t* codes = nullptr;
-  const float* tables = nullptr;
-  std::int64_t in = 0;
-  std::int64_t out = 0;
-  int bits = 0;  ///< 1..8
-  bool column_grouping = false;
-  /// Optional sparse part added to W (CSR over [out, in]); the sum is formed in
-  /// fp32 and rounded once.  Column indices of a row must be distinct or
-  /// adjacent (sorted CSR); of non-adjacent duplicates the last run wins.
-  const std::int32_t* csr_row_ptr = nullptr;
-  const std::int32_t* csr_col_idx = nullptr;
-  const void* csr_values = nullptr;  ///< fp16 [nnz]
-  std::int64_t nnz = 0;
+  /// The layer (bits 1..8).  Its optional sparse part is added to W; the sum
+  /// is formed in fp32 and rounded once.  Column indices of a row must be
+  /// distinct or adjacent (sorted CSR); of non-adjacent duplicates the last run wins.
+  LutView layer;
   void* w = nullptr;  ///< [out, in] of dtype, contiguous
   DType dtype = DType::F16;
   void* stream = nullptr;

@@ -38,8 +38,13 @@ int main(int argc, char** argv) {
     const auto t1 = std::chrono::steady_clock::now();
 
     std::vector<float> y(out);
-    sqllm::lut_matmul(x.data(), 1, in, out, codes.data(), tables.data(), bits,
-                      sqllm::GroupAxis::Row, nullptr, y.data());
+    sqllm::LutView layer;  // the packed layer: codes + one table per output row
+    layer.codes = codes.data();
+    layer.tables = tables.data();
+    layer.out = out;
+    layer.in = in;
+    layer.bits = bits;
+    sqllm::lut_matmul(layer, x.data(), 1, y.data());
     double err = 0.0, ref = 0.0;
     for (std::size_t o = 0; o < out; ++o) {
       double exact = 0.0;

@@ -30,6 +30,7 @@
 #include "sqllm/detail/lut_matmul_avx512.hpp"
 #include "sqllm/dispatch.hpp"
 #include "sqllm/error.hpp"
+#include "sqllm/format/lut.hpp"
 #include "sqllm/nuq.hpp"
 #include "sqllm/packing.hpp"
 
@@ -245,26 +246,26 @@ void lut_matmul_impl(const float* x, std::size_t batch, std::size_t in, std::siz
 
 }  // namespace detail
 
-/// y = x · Ŵᵀ (+ sparse) with Ŵ given by packed codes and lookup tables.
-/// `csr` may be nullptr; it is validated here (check_csr) unless
-/// `csr_checked` is true (the caller validated it once at load time).
-/// `kernel` picks the path (Auto: the best the CPU supports, or
-/// SQLLM_CPU_KERNEL); a path the CPU lacks throws.  From detail::kGemmMinBatch
-/// rows on, it picks the decoder of the GEMM path's tiles.  Widths above 4 bits
-/// always take the scalar code.
-inline void lut_matmul(const float* x, std::size_t batch, std::size_t in, std::size_t out,
-                       const std::uint32_t* codes, const float* tables, int bits, GroupAxis axis,
-                       const CsrView* csr, float* y, int num_threads = 0,
-                       bool csr_checked = false, CpuKernel kernel = CpuKernel::Auto) {
-  check_bits(bits);
-  SQLLM_CHECK(in > 0 && out > 0, "lut_matmul: in_features and out_features must be > 0, got in=",
-              in, ", out=", out);
+/// y = x · Ŵᵀ (+ sparse) for the layer `w` (format/lut.hpp); x is batch x in,
+/// y batch x out, both row-major fp32.  The view is validated here
+/// (check_lut_view, the full CSR walk included) unless `checked` is true (the
+/// caller validated it once, e.g. when the layer was loaded).  `kernel` picks
+/// the path (Auto: the best the CPU supports, or SQLLM_CPU_KERNEL); a path the
+/// CPU lacks throws.  From detail::kGemmMinBatch rows on, it picks the decoder
+/// of the GEMM path's tiles.  Widths above 4 bits always take the scalar code.
+inline void lut_matmul(const LutView& w, const float* x, std::size_t batch, float* y,
+                       int num_threads = 0, bool checked = false,
+                       CpuKernel kernel = CpuKernel::Auto) {
+  check_lut_view(w, /*check_sparse_contents=*/!checked);
+  SQLLM_CHECK((x != nullptr && y != nullptr) || batch == 0, "lut_matmul: null x or y pointer");
   const CpuKernel ker = resolve_cpu_kernel(kernel);
   if (batch == 0) return;
-  if (csr != nullptr && !csr_checked) check_csr(*csr, out, in);
-  if (csr != nullptr && csr->nnz == 0) csr = nullptr;
-  const bool row = axis == GroupAxis::Row;
-  SQLLM_DISPATCH_BITS(bits, BITS, {
+  const std::size_t in = w.in, out = w.out;
+  const std::uint32_t* codes = w.codes;
+  const float* tables = w.tables;
+  const CsrView* csr = w.has_sparse() ? &w.sparse : nullptr;
+  const bool row = w.axis == GroupAxis::Row;
+  SQLLM_DISPATCH_BITS(w.bits, BITS, {
     if (batch >= detail::kGemmMinBatch) {
       (row ? detail::lut_matmul_gemm<BITS, true> : detail::lut_matmul_gemm<BITS, false>)(
           x, batch, in, out, codes, tables, csr, y, num_threads, ker);

@@ -28,20 +28,11 @@
 #include <vector>
 
 #include "sqllm/error.hpp"
+#include "sqllm/format/lut.hpp"  // GroupAxis
 #include "sqllm/kmeans1d.hpp"
 #include "sqllm/packing.hpp"
 
 namespace sqllm {
-
-enum class GroupAxis { Row, Column };
-
-inline GroupAxis parse_group_axis(const std::string& s) {
-  if (s == "row") return GroupAxis::Row;
-  if (s == "column" || s == "col") return GroupAxis::Column;
-  throw Error(detail::concat("group_axis must be 'row' or 'column', got '", s, "'"));
-}
-
-inline const char* to_string(GroupAxis a) { return a == GroupAxis::Row ? "row" : "column"; }
 
 /// Parameters of the non-uniform quantizer (documented defaults, no globals).
 struct NuqParams {
@@ -105,19 +96,15 @@ inline void nuq_quantize(const float* W, const float* S, const std::uint8_t* kee
   }
 }
 
-/// Ŵ from packed codes and tables (out x in, row-major).
-inline void nuq_dequantize(const std::uint32_t* packed, const float* tables, std::size_t out,
-                           std::size_t in, int bits, GroupAxis axis, float* W) {
-  check_bits(bits);
-  const std::size_t K = std::size_t{1} << bits;
-  const std::size_t words = packed_words(in, bits);
-  for (std::size_t o = 0; o < out; ++o) {
-    const std::uint32_t* row = packed + o * words;
-    for (std::size_t i = 0; i < in; ++i) {
-      const std::uint32_t c = get_code(row, i, bits);
-      W[o * in + i] = axis == GroupAxis::Row ? tables[o * K + c] : tables[i * K + c];
-    }
-  }
+/// Materialise Ŵ (out x in, row-major fp32) of a validated LUT view; the
+/// sparse part, if any, is added (Ŵ + S, each sum rounded once to fp32).
+inline void lut_dequantize(const LutView& v, float* W) {
+  for (std::size_t o = 0; o < v.out; ++o)
+    for (std::size_t i = 0; i < v.in; ++i) W[o * v.in + i] = v.weight(o, i);
+  if (!v.has_sparse()) return;
+  for (std::size_t o = 0; o < v.out; ++o)
+    for (std::int32_t k = v.sparse.row_ptr[o]; k < v.sparse.row_ptr[o + 1]; ++k)
+      W[o * v.in + static_cast<std::size_t>(v.sparse.col_idx[k])] += half_bits_to_float(v.sparse.values[k]);
 }
 
 }  // namespace sqllm

@@ -178,8 +178,14 @@ def collect_hessians(model: nn.Module, layers: Dict[str, nn.Linear], batches: to
     return {"hessian": {k: v.cpu() for k, v in hess.items()}, "hessian_count": count}
 
 
-def hessian_for_gptq(stats: Dict[str, Dict[str, object]], name: str) -> torch.Tensor:
-    """2·XᵀX / n for layer ``name`` from collected statistics (ValueError if absent)."""
+def hessian_for_gptq(stats: Dict[str, Dict[str, object]], name: str, scaled: bool = True) -> torch.Tensor:
+    """2·XᵀX / n for layer ``name`` from collected statistics (ValueError if absent).
+
+    With ``scaled=False`` it returns the collected float64 XᵀX itself (no copy
+    when it already is float64): GPTQ's codes do not depend on the Hessian's
+    scale, and for a 7B ``down_proj`` the scaled copy alone is 0.97 GB.  Its
+    proxy error is then in units of XᵀX (multiply by 2 / ``hessian_count``).
+    """
     try:
         xtx = stats["hessian"][name]
         n = int(stats["hessian_count"][name])
@@ -187,4 +193,6 @@ def hessian_for_gptq(stats: Dict[str, Dict[str, object]], name: str) -> torch.Te
         raise ValueError(f"no Hessian statistic for layer {name!r}; GPTQ needs calibration data") from None
     if n <= 0:
         raise ValueError(f"the Hessian of layer {name!r} was accumulated over {n} rows")
+    if not scaled:
+        return xtx.to(torch.float64)
     return xtx.to(torch.float64) * (2.0 / n)

@@ -227,7 +227,7 @@ class SqueezeLLM(QuantMethod):
             from .gptq import hessian_for_gptq
             import numpy as np
 
-            h = hessian_for_gptq(stats, name)
+            h = hessian_for_gptq(stats, name, scaled=False)  # scale-free; no n x n copy
             w = linear.weight.detach().to("cpu", torch.float32).contiguous().numpy()
             packed, _, _ = _C.gptq_lut(w, h.numpy(), layer.lookup_table.float().numpy(),
                                        self.bits)
@@ -378,7 +378,7 @@ class GPTQ(QuantMethod):
                        stats: Dict[str, Any]) -> QuantLinearBase:
         from .gptq import gptq_quantize, hessian_for_gptq
 
-        h = hessian_for_gptq(stats, name)
+        h = hessian_for_gptq(stats, name, scaled=False)  # GPTQ is scale-free; no n x n copy
         try:
             res = gptq_quantize(linear.weight, h, bits=self.bits, group_size=self.group_size,
                                 act_order=self.act_order, blocksize=self.blocksize,
@@ -386,5 +386,6 @@ class GPTQ(QuantMethod):
                                 sym=self.sym, return_result=True)
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
-        log.debug("gptq %s: proxy error %.4g", name, res.proxy_error)
+        log.debug("gptq %s: proxy error %.4g", name,
+                  res.proxy_error * 2.0 / int(stats["hessian_count"][name]))
         return res.to_layer(bias=linear.bias)

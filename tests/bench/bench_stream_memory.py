@@ -9,7 +9,7 @@ subprocess, opens it on the meta device and quantizes it block by block
 (``ru_maxrss``) against the checkpoint's size.  Target: peak < checkpoint.
 
     python tests/bench/bench_stream_memory.py                  # RTN 4-bit
-    python tests/bench/bench_stream_memory.py --method gptq    # where the method exists
+    python tests/bench/bench_stream_memory.py --method gptq --dtype float16 --sequential-groups
 
 Methods that need calibration get random token windows (``--nsamples``,
 ``--seqlen``); their activations add nsamples * seqlen * 4096 * 4 bytes per copy.
@@ -93,7 +93,7 @@ def quantize_child(args: argparse.Namespace) -> None:
         g = torch.Generator().manual_seed(0)
         calib = torch.randint(0, VOCAB, (args.nsamples, args.seqlen), generator=g)
     sqllm.quantize(model, method=args.method, bits=args.bits, calibration=calib,
-                   out=args.out, progress=False)
+                   out=args.out, progress=False, sequential_groups=args.sequential_groups)
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     print(json.dumps({"peak_rss": peak, "seconds": dt}))
@@ -109,6 +109,9 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--sequential-groups", action="store_true",
+                    help="collect and quantize one input group of a block at a time (at most one "
+                         "group's Hessians held)")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -133,7 +136,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--child", "--model", str(src), "--out", str(out),
                "--method", args.method, "--bits", str(args.bits), "--dtype", args.dtype,
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + (["--sequential-groups"] if args.sequential_groups else [])
         r = subprocess.run(cmd, check=True, capture_output=True, text=True,
                            env={**os.environ, "TQDM_DISABLE": "1"})
         res = json.loads(r.stdout.strip().splitlines()[-1])

@@ -319,22 +319,19 @@ struct Problem {
   std::vector<std::uint32_t> codes;
   std::vector<std::int32_t> row_ptr, col_idx;
 
+  std::vector<std::uint16_t> values_h;  // the sparse values as fp16 bits (values are fp16-exact)
+
   sqllm::reference::LutMatmulView view(bool sparse) const {
     sqllm::reference::LutMatmulView v;
     v.x = x.data();
     v.batch = batch;
-    v.in = in;
-    v.out = out;
-    v.bits = bits;
-    v.codes = codes.data();
-    v.tables = tables.data();
-    v.column_grouping = col;
-    if (sparse) {
-      v.csr_row_ptr = row_ptr.data();
-      v.csr_col_idx = col_idx.data();
-      v.csr_values = values.data();
-      v.nnz = static_cast<std::int64_t>(col_idx.size());
-    }
+    v.w.in = static_cast<std::size_t>(in);
+    v.w.out = static_cast<std::size_t>(out);
+    v.w.bits = bits;
+    v.w.codes = codes.data();
+    v.w.tables = tables.data();
+    v.w.axis = col ? sqllm::GroupAxis::Column : sqllm::GroupAxis::Row;
+    if (sparse) v.w.sparse = sqllm::CsrView{row_ptr.data(), col_idx.data(), values_h.data(), values_h.size()};
     return v;
   }
 };
@@ -344,7 +341,7 @@ struct Problem {
 Problem make_problem(std::int64_t batch, std::int64_t in, std::int64_t out, int bits, bool col,
                      bool integers, std::uint32_t seed) {
   std::mt19937 rng(seed);
-  Problem p{batch, in, out, bits, col, {}, {}, {}, {}, {}, {}};
+  Problem p{batch, in, out, bits, col, {}, {}, {}, {}, {}, {}, {}};
   const std::int64_t K = std::int64_t{1} << bits;
   auto val = [&]() {
     if (integers) return static_cast<float>(std::uniform_int_distribution<int>(-8, 8)(rng));
@@ -362,10 +359,16 @@ Problem make_problem(std::int64_t batch, std::int64_t in, std::int64_t out, int 
                     p.codes.data());
   p.row_ptr.push_back(0);
   for (std::int64_t o = 0; o < out; ++o) {
+    // Sorted, distinct columns (the CSR layout of csr.hpp); fp16 values.
     const int n = std::uniform_int_distribution<int>(0, 5)(rng);
-    for (int k = 0; k < n; ++k) {
-      p.col_idx.push_back(std::uniform_int_distribution<int>(0, int(in) - 1)(rng));
+    std::vector<std::int32_t> cols;
+    for (int k = 0; k < n; ++k) cols.push_back(std::uniform_int_distribution<int>(0, int(in) - 1)(rng));
+    std::sort(cols.begin(), cols.end());
+    cols.erase(std::unique(cols.begin(), cols.end()), cols.end());
+    for (std::int32_t c : cols) {
+      p.col_idx.push_back(c);
       p.values.push_back(round_to_format(val(), 5, 10));
+      p.values_h.push_back(sqllm::float_to_half_bits(p.values.back()));
     }
     p.row_ptr.push_back(static_cast<std::int32_t>(p.col_idx.size()));
   }
@@ -504,10 +507,10 @@ TEST_CASE("reference rejects bad shapes and CSR with sqllm::Error", "[float_emu]
   std::vector<float> y(3);
   PrecisionConfig cfg;
   auto bad = v;
-  bad.bits = 9;
+  bad.w.bits = 9;
   CHECK_THROWS_AS(sqllm::reference::lut_matmul_precision(bad, cfg, y.data()), sqllm::Error);
   bad = v;
-  bad.in = 0;
+  bad.w.in = 0;
   CHECK_THROWS_WITH(sqllm::reference::lut_matmul_precision(bad, cfg, y.data()),
                     Catch::Contains("in=0"));
   p.col_idx.assign(p.col_idx.size(), 40);

@@ -21,7 +21,31 @@ struct Problem {
   GroupAxis axis;
   std::vector<std::uint32_t> codes;
   std::vector<float> tables, x;
+
+  LutView view(const CsrView* csr = nullptr) const {
+    LutView v;
+    v.codes = codes.data();
+    v.tables = tables.data();
+    v.out = out;
+    v.in = in;
+    v.bits = bits;
+    v.axis = axis;
+    if (csr != nullptr) v.sparse = *csr;
+    return v;
+  }
 };
+
+LutView make_view(const std::uint32_t* codes, const float* tables, std::size_t out, std::size_t in,
+                  int bits, GroupAxis axis) {
+  LutView v;
+  v.codes = codes;
+  v.tables = tables;
+  v.out = out;
+  v.in = in;
+  v.bits = bits;
+  v.axis = axis;
+  return v;
+}
 
 // Small-integer tables and inputs: every product and partial sum is an
 // integer below 2^24, so fp32 accumulation is exact in any order and the
@@ -54,10 +78,8 @@ TEST_CASE("LUT matmul equals the reference exactly on integer data", "[lut_matmu
                                     static_cast<unsigned>(bits * 100 + shape[1]));
         std::vector<float> y(p.batch * p.out);
         std::vector<double> ref(p.batch * p.out);
-        lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(), p.tables.data(), bits, axis,
-                   nullptr, y.data());
-        reference::lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(), p.tables.data(),
-                              bits, axis, nullptr, ref.data());
+        lut_matmul(p.view(), p.x.data(), p.batch, y.data());
+        reference::lut_matmul(p.view(), p.x.data(), p.batch, ref.data());
         INFO("bits=" << bits << " axis=" << to_string(axis) << " out=" << p.out << " in=" << p.in
                      << " batch=" << p.batch);
         for (std::size_t k = 0; k < y.size(); ++k) REQUIRE(static_cast<double>(y[k]) == ref[k]);
@@ -75,8 +97,8 @@ TEST_CASE("every CPU kernel path equals the reference exactly on integer data",
     if (!cpu_supports(k)) {
       std::vector<float> x(8), y(4), t(4 * 8);
       std::vector<std::uint32_t> c(4 * packed_words(8, 3));
-      REQUIRE_THROWS_WITH(lut_matmul(x.data(), 1, 8, 4, c.data(), t.data(), 3, GroupAxis::Row,
-                                     nullptr, y.data(), 0, false, k),
+      REQUIRE_THROWS_WITH(lut_matmul(make_view(c.data(), t.data(), 4, 8, 3, GroupAxis::Row),
+                                     x.data(), 1, y.data(), 0, false, k),
                           Catch::Contains("not supported"));
       continue;
     }
@@ -90,10 +112,8 @@ TEST_CASE("every CPU kernel path equals the reference exactly on integer data",
                                       static_cast<unsigned>(bits * 1000 + shape[1] + shape[2]));
           std::vector<float> y(p.batch * p.out, -1.0f);
           std::vector<double> ref(p.batch * p.out);
-          lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(), p.tables.data(), bits,
-                     axis, nullptr, y.data(), 0, false, k);
-          reference::lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(),
-                                p.tables.data(), bits, axis, nullptr, ref.data());
+          lut_matmul(p.view(), p.x.data(), p.batch, y.data(), 0, false, k);
+          reference::lut_matmul(p.view(), p.x.data(), p.batch, ref.data());
           INFO("kernel=" << to_string(k) << " bits=" << bits << " axis=" << to_string(axis)
                          << " out=" << p.out << " in=" << p.in << " batch=" << p.batch);
           for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(static_cast<double>(y[i]) == ref[i]);
@@ -120,14 +140,12 @@ TEST_CASE("LUT matmul with a sparse part equals dequantize + CSR", "[lut_matmul]
   }
   CsrView csr{row_ptr.data(), cols.data(), vals.data(), vals.size()};
   std::vector<double> ref(p.batch * p.out);
-  reference::lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(), p.tables.data(), 3,
-                        GroupAxis::Row, &csr, ref.data());
+  reference::lut_matmul(p.view(&csr), p.x.data(), p.batch, ref.data());
   for (CpuKernel k : {CpuKernel::Scalar, CpuKernel::Avx2, CpuKernel::Avx512}) {
     if (!cpu_supports(k)) continue;
     INFO("kernel=" << to_string(k));
     std::vector<float> y(p.batch * p.out);
-    lut_matmul(p.x.data(), p.batch, p.in, p.out, p.codes.data(), p.tables.data(), 3,
-               GroupAxis::Row, &csr, y.data(), 0, false, k);
+    lut_matmul(p.view(&csr), p.x.data(), p.batch, y.data(), 0, false, k);
     for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(static_cast<double>(y[i]) == ref[i]);
   }
 }
@@ -147,14 +165,13 @@ TEST_CASE("LUT matmul on random real data is within fp32 rounding", "[lut_matmul
   nuq_quantize(W.data(), nullptr, nullptr, out, in, prm, codes.data(), tables.data());
   std::vector<float> y(batch * out);
   std::vector<double> ref(batch * out);
-  lut_matmul(x.data(), batch, in, out, codes.data(), tables.data(), bits, GroupAxis::Row, nullptr,
-             y.data());
-  reference::lut_matmul(x.data(), batch, in, out, codes.data(), tables.data(), bits,
-                        GroupAxis::Row, nullptr, ref.data());
+  const LutView view = make_view(codes.data(), tables.data(), out, in, bits, GroupAxis::Row);
+  lut_matmul(view, x.data(), batch, y.data());
+  reference::lut_matmul(view, x.data(), batch, ref.data());
   // fp32 summation of `in` products: |error| <= in * eps32 * sum|w x| (a
   // standard bound for any summation order).
   std::vector<float> Wq(out * in);
-  nuq_dequantize(codes.data(), tables.data(), out, in, bits, GroupAxis::Row, Wq.data());
+  lut_dequantize(view, Wq.data());
   for (std::size_t b = 0; b < batch; ++b)
     for (std::size_t o = 0; o < out; ++o) {
       double mag = 0.0;
@@ -215,7 +232,16 @@ TEST_CASE("quantizer and kernel reject bad input", "[nuq][lut_matmul]") {
                       Catch::Contains("non-empty"));
   REQUIRE_THROWS_WITH(parse_group_axis("diagonal"), Catch::Contains("group_axis"));
   std::vector<float> x(8), y(4);
-  REQUIRE_THROWS_WITH(lut_matmul(x.data(), 1, 8, 4, codes.data(), tables.data(), 0, GroupAxis::Row,
-                                 nullptr, y.data()),
+  REQUIRE_THROWS_WITH(lut_matmul(make_view(codes.data(), tables.data(), 4, 8, 0, GroupAxis::Row),
+                                 x.data(), 1, y.data()),
                       Catch::Contains("bits"));
+  // One validation path: an out-of-range sparse column is named, before any read.
+  std::vector<std::int32_t> rp{0, 1, 1, 1, 1}, ci{8};
+  std::vector<std::uint16_t> vv{float_to_half_bits(1.0f)};
+  LutView bad = make_view(codes.data(), tables.data(), 4, 8, 3, GroupAxis::Row);
+  bad.sparse = CsrView{rp.data(), ci.data(), vv.data(), 1};
+  REQUIRE_THROWS_WITH(lut_matmul(bad, x.data(), 1, y.data()), Catch::Contains("col_idx[0]=8 out of range"));
+  REQUIRE_THROWS_WITH(reference::lut_matmul(bad, x.data(), 1, nullptr), Catch::Contains("out of range"));
+  bad.sparse = CsrView{nullptr, ci.data(), vv.data(), 1};
+  REQUIRE_THROWS_WITH(lut_matmul(bad, x.data(), 1, y.data()), Catch::Contains("without row_ptr"));
 }

@@ -90,7 +90,13 @@ TEST_CASE("dense + sparse residual reproduces the kept weights", "[sparse]") {
   CsrView v{row_ptr.data(), cols.data(), vals.data(), vals.size()};
   REQUIRE_NOTHROW(check_csr(v, out, in));
   std::vector<float> Wq(out * in);
-  nuq_dequantize(codes.data(), tables.data(), out, in, bits, GroupAxis::Row, Wq.data());
+  LutView lv;
+  lv.codes = codes.data();
+  lv.tables = tables.data();
+  lv.out = out;
+  lv.in = in;
+  lv.bits = bits;
+  lut_dequantize(lv, Wq.data());
   for (std::size_t o = 0; o < out; ++o)
     for (std::int32_t k = row_ptr[o]; k < row_ptr[o + 1]; ++k) {
       const std::size_t i = static_cast<std::size_t>(cols[k]);

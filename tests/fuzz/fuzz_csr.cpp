@@ -73,8 +73,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::vector<float> tables(groups << bits, 0.5f);
   const std::size_t batch = (flags >> 1) % 9 + 1;  // 1..9: the per-row and the GEMM paths
   std::vector<float> x(batch * cols, 1.0f), y(batch * rows);
-  sqllm::lut_matmul(x.data(), batch, cols, rows, codes.data(), tables.data(), bits, axis, &v,
-                    y.data(), 1, true);
+  sqllm::LutView layer;
+  layer.codes = codes.data();
+  layer.tables = tables.data();
+  layer.out = rows;
+  layer.in = cols;
+  layer.bits = bits;
+  layer.axis = axis;
+  layer.sparse = v;
+  sqllm::lut_matmul(layer, x.data(), batch, y.data(), 1, true);
   for (float f : y)
     if (!std::isfinite(f)) std::abort();  // finite tables, x and values: finite output
   return 0;

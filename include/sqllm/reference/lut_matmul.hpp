@@ -7,32 +7,26 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "sqllm/csr.hpp"
-#include "sqllm/nuq.hpp"
-#include "sqllm/packing.hpp"
+#include "sqllm/format/lut.hpp"
 
 namespace sqllm {
 namespace reference {
 
-inline void lut_matmul(const float* x, std::size_t batch, std::size_t in, std::size_t out,
-                       const std::uint32_t* codes, const float* tables, int bits, GroupAxis axis,
-                       const CsrView* csr, double* y) {
-  const std::size_t K = std::size_t{1} << bits;
-  const std::size_t words = packed_words(in, bits);
+/// y[b, o] = Σ_i Ŵ[o, i] x[b, i] + the sparse part, in double (x: batch x in).
+inline void lut_matmul(const LutView& w, const float* x, std::size_t batch, double* y) {
+  check_lut_view(w);
   for (std::size_t b = 0; b < batch; ++b) {
-    for (std::size_t o = 0; o < out; ++o) {
+    for (std::size_t o = 0; o < w.out; ++o) {
       double acc = 0.0;
-      for (std::size_t i = 0; i < in; ++i) {
-        const std::uint32_t c = get_code(codes + o * words, i, bits);
-        const float w = axis == GroupAxis::Row ? tables[o * K + c] : tables[i * K + c];
-        acc += static_cast<double>(w) * static_cast<double>(x[b * in + i]);
+      for (std::size_t i = 0; i < w.in; ++i)
+        acc += static_cast<double>(w.weight(o, i)) * static_cast<double>(x[b * w.in + i]);
+      if (w.has_sparse()) {
+        const CsrView& s = w.sparse;
+        for (std::int32_t k = s.row_ptr[o]; k < s.row_ptr[o + 1]; ++k)
+          acc += static_cast<double>(half_bits_to_float(s.values[k])) *
+                 static_cast<double>(x[b * w.in + s.col_idx[k]]);
       }
-      if (csr != nullptr) {
-        for (std::int32_t k = csr->row_ptr[o]; k < csr->row_ptr[o + 1]; ++k)
-          acc += static_cast<double>(half_bits_to_float(csr->values[k])) *
-                 static_cast<double>(x[b * in + csr->col_idx[k]]);
-      }
-      y[b * out + o] = acc;
+      y[b * w.out + o] = acc;
     }
   }
 }

@@ -4,11 +4,8 @@
 //
 // Problem (docs/formats.md): y[b, o] = sum_i x[b, i] * W[o, i]
 //                                     + sum_{k in CSR row o} values[k] * x[b, col_idx[k]]
-//   codes   uint32 [out, W], W = packed_words(in, bits); c(o, i) = get_code(codes + o*W, i, bits)
-//   tables  float  row grouping: [out, K], W[o, i] = tables[o*K + c(o, i)]
-//                  column grouping: [in, K], W[o, i] = tables[i*K + c(o, i)]   (K = 2^bits)
-//   CSR     optional, over [out, in]: row_ptr [out+1], col_idx [nnz], values [nnz]
-//           (fp16 values widened to float here).
+// with the layer given as a LutView (sqllm/format/lut.hpp: codes, row or
+// column tables, the optional CSR part with fp16 values, widened to float here).
 //
 // Summation order of lut_matmul_precision (and of the CUDA exact kernel),
 // with add/mul/operand from the precision policy (sqllm/float_emu.hpp):
@@ -30,7 +27,7 @@
 
 #include "sqllm/error.hpp"
 #include "sqllm/float_emu.hpp"
-#include "sqllm/packing.hpp"
+#include "sqllm/format/lut.hpp"
 
 namespace sqllm {
 namespace reference {
@@ -38,71 +35,44 @@ namespace reference {
 /// Number of lane sums of the reproducible order (the CUDA warp size).
 constexpr int kExactLanes = 32;
 
-/// Host views of one LUT matmul problem (nothing is owned).
+/// One LUT matmul problem in host memory (nothing is owned): the layer and x.
 struct LutMatmulView {
-  const float* x = nullptr;  ///< [batch, in] with row stride x_stride
+  LutView w;                  ///< the layer; its CSR (if any) is validated in full
+  const float* x = nullptr;   ///< [batch, in] with row stride x_stride
   std::int64_t batch = 0;
-  std::int64_t in = 0;
-  std::int64_t out = 0;
   std::int64_t x_stride = 0;  ///< elements between rows of x; 0 means `in`
-  int bits = 0;
-  const std::uint32_t* codes = nullptr;  ///< [out, packed_words(in, bits)]
-  const float* tables = nullptr;         ///< [out, 2^bits] (row) or [in, 2^bits] (column)
-  bool column_grouping = false;
-  const std::int32_t* csr_row_ptr = nullptr;  ///< [out + 1] or null (no sparse part)
-  const std::int32_t* csr_col_idx = nullptr;  ///< [nnz]
-  const float* csr_values = nullptr;          ///< [nnz]
-  std::int64_t nnz = 0;
 };
 
-/// Validate shapes, pointers and (fully) the CSR structure; throws sqllm::Error.
+/// Validate the layer (check_lut_view: one path for every LUT consumer) and x.
 inline void check_view(const LutMatmulView& v) {
-  check_bits(v.bits);
-  SQLLM_CHECK(v.batch >= 0 && v.in >= 1 && v.out >= 1, "lut_matmul: need batch >= 0, in >= 1, ",
-              "out >= 1, got batch=", v.batch, ", in=", v.in, ", out=", v.out);
-  SQLLM_CHECK(v.x_stride == 0 || v.x_stride >= v.in, "lut_matmul: x row stride ", v.x_stride,
-              " is smaller than in=", v.in);
-  SQLLM_CHECK(v.codes != nullptr && v.tables != nullptr && (v.x != nullptr || v.batch == 0),
-              "lut_matmul: null x, codes or tables pointer");
-  if (v.csr_row_ptr == nullptr) return;
-  SQLLM_CHECK(v.nnz >= 0 && (v.nnz == 0 || (v.csr_col_idx != nullptr && v.csr_values != nullptr)),
-              "lut_matmul: CSR with nnz=", v.nnz, " needs col_idx and values");
-  SQLLM_CHECK(v.csr_row_ptr[0] == 0 && v.csr_row_ptr[v.out] == v.nnz,
-              "lut_matmul: CSR row_ptr must start at 0 and end at nnz=", v.nnz, ", got ",
-              v.csr_row_ptr[0], " .. ", v.csr_row_ptr[v.out], " (out=", v.out, ")");
-  for (std::int64_t o = 0; o < v.out; ++o) {
-    SQLLM_CHECK(v.csr_row_ptr[o] <= v.csr_row_ptr[o + 1], "lut_matmul: CSR row_ptr decreases at row ",
-                o);
-  }
-  for (std::int64_t k = 0; k < v.nnz; ++k) {
-    SQLLM_CHECK(v.csr_col_idx[k] >= 0 && v.csr_col_idx[k] < v.in, "lut_matmul: CSR col_idx[", k,
-                "]=", v.csr_col_idx[k], " out of range for in=", v.in);
-  }
+  check_lut_view(v.w);
+  SQLLM_CHECK(v.batch >= 0, "lut_matmul: batch must be >= 0, got ", v.batch);
+  SQLLM_CHECK(v.x_stride == 0 || v.x_stride >= static_cast<std::int64_t>(v.w.in),
+              "lut_matmul: x row stride ", v.x_stride, " is smaller than in=", v.w.in);
+  SQLLM_CHECK(v.x != nullptr || v.batch == 0, "lut_matmul: null x pointer");
 }
 
-/// The dequantized weight W[o, i].
+/// The dequantized weight W[o, i] (without the sparse part).
 inline float lut_weight(const LutMatmulView& v, std::int64_t o, std::int64_t i) {
-  const std::size_t W = packed_words(static_cast<std::size_t>(v.in), v.bits);
-  const std::uint32_t c =
-      get_code(v.codes + static_cast<std::size_t>(o) * W, static_cast<std::size_t>(i), v.bits);
-  const std::int64_t K = std::int64_t{1} << v.bits;
-  return v.column_grouping ? v.tables[i * K + c] : v.tables[o * K + c];
+  return v.w.weight(static_cast<std::size_t>(o), static_cast<std::size_t>(i));
 }
 
 namespace detail {
 
 template <class Arith>
 void lut_matmul_precision_impl(const LutMatmulView& v, const Arith& ar, float* y) {
-  const std::int64_t ldx = v.x_stride == 0 ? v.in : v.x_stride;
-  std::vector<float> wrow(static_cast<std::size_t>(v.in));
-  for (std::int64_t o = 0; o < v.out; ++o) {
-    for (std::int64_t i = 0; i < v.in; ++i) wrow[static_cast<std::size_t>(i)] = lut_weight(v, o, i);
+  const auto in = static_cast<std::int64_t>(v.w.in), out = static_cast<std::int64_t>(v.w.out);
+  const std::int64_t ldx = v.x_stride == 0 ? in : v.x_stride;
+  const CsrView& sp = v.w.sparse;
+  std::vector<float> wrow(static_cast<std::size_t>(in));
+  for (std::int64_t o = 0; o < out; ++o) {
+    for (std::int64_t i = 0; i < in; ++i) wrow[static_cast<std::size_t>(i)] = lut_weight(v, o, i);
     for (std::int64_t b = 0; b < v.batch; ++b) {
       const float* xr = v.x + b * ldx;
       float s[kExactLanes];
       for (int l = 0; l < kExactLanes; ++l) {
         float acc = 0.0f;
-        for (std::int64_t i = l; i < v.in; i += kExactLanes) {
+        for (std::int64_t i = l; i < in; i += kExactLanes) {
           acc = ar.add(acc, ar.mul(ar.operand(wrow[static_cast<std::size_t>(i)]), ar.operand(xr[i])));
         }
         s[l] = acc;
@@ -111,12 +81,13 @@ void lut_matmul_precision_impl(const LutMatmulView& v, const Arith& ar, float* y
         for (int l = 0; l < off; ++l) s[l] = ar.add(s[l], s[l + off]);
       }
       float acc = s[0];
-      if (v.csr_row_ptr != nullptr) {
-        for (std::int64_t k = v.csr_row_ptr[o]; k < v.csr_row_ptr[o + 1]; ++k) {
-          acc = ar.add(acc, ar.mul(ar.operand(v.csr_values[k]), ar.operand(xr[v.csr_col_idx[k]])));
+      if (v.w.has_sparse()) {
+        for (std::int64_t k = sp.row_ptr[o]; k < sp.row_ptr[o + 1]; ++k) {
+          acc = ar.add(acc, ar.mul(ar.operand(half_bits_to_float(sp.values[k])),
+                                   ar.operand(xr[sp.col_idx[k]])));
         }
       }
-      y[b * v.out + o] = acc;
+      y[b * out + o] = acc;
     }
   }
 }
@@ -136,23 +107,25 @@ inline void lut_matmul_precision(const LutMatmulView& v, const PrecisionConfig& 
 /// that error bounds of the float modes multiply).
 inline void lut_matmul_f64(const LutMatmulView& v, double* y, bool absolute = false) {
   check_view(v);
-  const std::int64_t ldx = v.x_stride == 0 ? v.in : v.x_stride;
-  for (std::int64_t o = 0; o < v.out; ++o) {
+  const auto in = static_cast<std::int64_t>(v.w.in), out = static_cast<std::int64_t>(v.w.out);
+  const std::int64_t ldx = v.x_stride == 0 ? in : v.x_stride;
+  const CsrView& sp = v.w.sparse;
+  for (std::int64_t o = 0; o < out; ++o) {
     for (std::int64_t b = 0; b < v.batch; ++b) {
       const float* xr = v.x + b * ldx;
       double acc = 0.0;
-      for (std::int64_t i = 0; i < v.in; ++i) {
+      for (std::int64_t i = 0; i < in; ++i) {
         const double t = static_cast<double>(lut_weight(v, o, i)) * static_cast<double>(xr[i]);
         acc += absolute ? (t < 0 ? -t : t) : t;
       }
-      if (v.csr_row_ptr != nullptr) {
-        for (std::int64_t k = v.csr_row_ptr[o]; k < v.csr_row_ptr[o + 1]; ++k) {
-          const double t =
-              static_cast<double>(v.csr_values[k]) * static_cast<double>(xr[v.csr_col_idx[k]]);
+      if (v.w.has_sparse()) {
+        for (std::int64_t k = sp.row_ptr[o]; k < sp.row_ptr[o + 1]; ++k) {
+          const double t = static_cast<double>(half_bits_to_float(sp.values[k])) *
+                           static_cast<double>(xr[sp.col_idx[k]]);
           acc += absolute ? (t < 0 ? -t : t) : t;
         }
       }
-      y[b * v.out + o] = acc;
+      y[b * out + o] = acc;
     }
   }
 }

@@ -107,44 +107,36 @@ struct Problem {
 
   bool sparse() const { return !row_ptr.empty(); }
 
-  sqllm::reference::LutMatmulView view() const {
-    sqllm::reference::LutMatmulView v;
-    v.x = xf.data();
-    v.batch = batch;
-    v.in = in;
-    v.out = out;
-    v.x_stride = x_stride;
+  /// The layer (host pointers): taken by the references and, as device
+  /// memory in the emulator, by the launchers.
+  sqllm::LutView layer() const {
+    sqllm::LutView v;
+    v.in = static_cast<std::size_t>(in);
+    v.out = static_cast<std::size_t>(out);
     v.bits = bits;
     v.codes = codes.data();
     v.tables = tables.data();
-    v.column_grouping = col;
-    if (sparse()) {
-      v.csr_row_ptr = row_ptr.data();
-      v.csr_col_idx = col_idx.data();
-      v.csr_values = valuesf.data();
-      v.nnz = static_cast<std::int64_t>(col_idx.size());
-    }
+    v.axis = col ? sqllm::GroupAxis::Column : sqllm::GroupAxis::Row;
+    if (sparse()) v.sparse = sqllm::CsrView{row_ptr.data(), col_idx.data(), values.data(), values.size()};
+    return v;
+  }
+
+  sqllm::reference::LutMatmulView view() const {
+    sqllm::reference::LutMatmulView v;
+    v.w = layer();
+    v.x = xf.data();
+    v.batch = batch;
+    v.x_stride = x_stride;
     return v;
   }
 
   LutMatmulArgs args(void* y) const {
     LutMatmulArgs a;
+    a.layer = layer();
     a.x = x.data();
     a.y = y;
     a.batch = batch;
-    a.in = in;
-    a.out = out;
     a.x_stride = x_stride;
-    a.bits = bits;
-    a.codes = codes.data();
-    a.tables = tables.data();
-    a.column_grouping = col;
-    if (sparse()) {
-      a.csr_row_ptr = row_ptr.data();
-      a.csr_col_idx = col_idx.data();
-      a.csr_values = values.data();
-      a.nnz = static_cast<std::int64_t>(col_idx.size());
-    }
     a.dtype = dtype;
     return a;
   }
@@ -529,18 +521,7 @@ TEST_CASE("dequantize equals the table values (plus the sparse part) rounded onc
           // scalar path is taken for odd `in` or a misaligned one.
           unsigned char* dst = w.data();
           sqllm::cuda::DequantizeArgs a;
-          a.codes = p.codes.data();
-          a.tables = p.tables.data();
-          a.in = p.in;
-          a.out = p.out;
-          a.bits = bits;
-          a.column_grouping = col;
-          if (p.sparse()) {
-            a.csr_row_ptr = p.row_ptr.data();
-            a.csr_col_idx = p.col_idx.data();
-            a.csr_values = p.values.data();
-            a.nnz = static_cast<std::int64_t>(p.col_idx.size());
-          }
+          a.layer = p.layer();
           a.w = dst;
           a.dtype = dt;
           sqllm::cuda::dequantize(a);
@@ -601,10 +582,10 @@ TEST_CASE("bad arguments raise sqllm::Error before any launch", "[cuda_emu]") {
   auto y = sentinel_y(p);
   const std::size_t n0 = sqllm_emu::launches().size();
   LutMatmulArgs a = p.args(y.data());
-  a.bits = 9;
+  a.layer.bits = 9;
   CHECK_THROWS_AS(sqllm::cuda::lut_matmul(a), sqllm::Error);
   a = p.args(y.data());
-  a.codes = nullptr;
+  a.layer.codes = nullptr;
   CHECK_THROWS_AS(sqllm::cuda::lut_matmul(a), sqllm::Error);
   a = p.args(y.data());
   a.x_stride = 10;
@@ -615,7 +596,7 @@ TEST_CASE("bad arguments raise sqllm::Error before any launch", "[cuda_emu]") {
   CHECK_THROWS_AS(sqllm::cuda::lut_matmul(a), sqllm::Error);
   a = p.args(y.data());
   const std::int32_t some_columns[1] = {0};
-  a.csr_col_idx = some_columns;  // CSR pieces without row_ptr
+  a.layer.sparse.col_idx = some_columns;  // CSR pieces without row_ptr
   CHECK_THROWS_AS(sqllm::cuda::lut_matmul(a), sqllm::Error);
   CHECK(sqllm_emu::launches().size() == n0);
 }
