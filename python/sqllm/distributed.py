@@ -335,7 +335,8 @@ def quantize_layers(ctx: DistContext, qm: Any, layers: Dict[str, nn.Linear],
             ctx.report_failure(e)
             break
     names = sorted(layers)
-    what = f"sharing the quantized layers {names[0]}..{names[-1].rsplit('.', 1)[-1]}"
+    what = (f"sharing the quantized layer {names[0]}" if len(names) == 1 else
+            f"sharing {len(names)} quantized layers ({names[0]}, ...)")
     gathered = ctx.all_gather_object({"error": error, "layers": mine}, what, kind="layers")
     for r, g in enumerate(gathered):
         if g["error"] is not None:

@@ -74,6 +74,16 @@ def main() -> int:
     ctx = current()
     rank = ctx.rank if ctx is not None else 0
     for job in jobs:
+        if job.get("kind") == "eval":  # perplexity, windows sharded over the ranks
+            from transformers import AutoModelForCausalLM
+
+            from sqllm.evaluate import perplexity
+
+            m = AutoModelForCausalLM.from_pretrained(job["model"])
+            ids = torch.randint(0, 256, (1, 16 * 33 + 5), generator=torch.Generator().manual_seed(7))
+            r = perplexity(m, ids, seqlen=16, batch_size=2, progress=False)
+            json.dump([r.nll, r.n_windows], open(f"{job['out']}.rank{rank}.json", "w"))
+            continue
         model = sqllm.open_on_meta(job["model"])
         calib = torch.load(job["calib"])
         opts = dict(job.get("options", {}))
