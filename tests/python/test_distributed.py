@@ -315,3 +315,88 @@ def test_distributed_perplexity_equals_one_process(runs):
     two = [json.loads((root / f"two-ppl.rank{r}.json").read_text()) for r in range(2)]
     assert ref[1] == 33
     assert two[0] == two[1] == ref
+
+
+def test_progress_checkpoint_refuses_another_run(tmp_path):
+    """A progress folder of another run (model, data or options) is not reused silently."""
+    from sqllm.distributed import ProgressCheckpoint
+
+    ident = {"model": {"class": "X"}, "method": {"method": "gptq", "bits": 4}}
+    p = ProgressCheckpoint(tmp_path / "out.progress", ident, None)
+    assert p.done == 0
+    p.block_done(0, {"model.layers.0.w": torch.arange(6.0)}, {"model.layers.0.q": {"format": "lut"}})
+    again = ProgressCheckpoint(tmp_path / "out.progress", ident, None)
+    assert again.done == 1 and again.layers == {"model.layers.0.q": {"format": "lut"}}
+    assert torch.equal(again.load_block(0)["model.layers.0.w"], torch.arange(6.0))
+    with pytest.raises(ValueError, match="another run.*method"):
+        ProgressCheckpoint(tmp_path / "out.progress",
+                           {**ident, "method": {"method": "gptq", "bits": 3}}, None)
+    (tmp_path / "out.progress" / "block-00000.safetensors").unlink()
+    with pytest.raises(ValueError, match="block-00000.safetensors is missing"):
+        ProgressCheckpoint(tmp_path / "out.progress", ident, None)
+    (tmp_path / "out.progress" / "progress.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        ProgressCheckpoint(tmp_path / "out.progress", ident, None)
+
+
+def test_single_process_needs_no_group(monkeypatch):
+    """Without torchrun's variables nothing is initialized and nothing is distributed."""
+    import sqllm.distributed as sd
+
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert sd.init_from_env() is False
+    assert sd.current() is None and sd.is_main()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: nothing to share
+    assert sd.init_from_env() is False and sd.current() is None
+
+
+def test_python_m_sqllm_runs_the_cli():
+    r = subprocess.run([sys.executable, "-m", "sqllm", "--help"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=PYPATH), timeout=120)
+    assert r.returncode == 0 and "quantize" in r.stdout
+
+
+@pytest.mark.parametrize("fp_inputs", [False, True])
+def test_resume_from_progress_in_one_process(tmp_path, fp_inputs):
+    """The streamer's restore path (what a distributed resume runs on every rank): a run that
+    fails in block 1 and is resumed equals an uninterrupted run bit for bit."""
+    from sqllm.calib import open_on_meta, stream_quantize
+    from sqllm.distributed import ProgressCheckpoint
+    from sqllm.methods import GPTQ
+
+    folder = tmp_path / "tiny"
+    make_tiny_llama(seed=5).save_pretrained(folder)
+    ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(6))
+
+    def run(fail_at=None, pdir=None):
+        model = open_on_meta(folder)
+        qm = GPTQ(bits=3)
+        orig = qm.quantize_layer
+        done = []
+
+        def watched(name, lin, stats):
+            if name == fail_at:
+                raise RuntimeError("simulated failure")
+            done.append(name)
+            return orig(name, lin, stats)
+
+        qm.quantize_layer = watched
+        pc = ProgressCheckpoint(pdir, {"run": "x", "fp": fp_inputs}, None) if pdir else None
+        stream_quantize(model, qm, ids, progress=False, fp_inputs=fp_inputs, dist=None,
+                        progress_checkpoint=pc)
+        return model, done
+
+    want, _ = run()
+    want = want.state_dict()
+    pdir = tmp_path / "p"
+    with pytest.raises(RuntimeError, match="simulated"):
+        run("model.layers.1.mlp.up_proj", pdir)
+    assert ProgressCheckpoint(pdir, {"run": "x", "fp": fp_inputs}, None).done == 1
+    got, done = run(None, pdir)
+    assert done and all(n.startswith("model.layers.1.") for n in done)  # block 0 restored
+    got = got.state_dict()
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

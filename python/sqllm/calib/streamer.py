@@ -482,9 +482,12 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         block = blocks[i]
         prefix = f"{blocks_name}.{i}"
         resumed = progress_checkpoint is not None and i < progress_checkpoint.done
-        if meta and not (resumed and not (fp_inputs and inputs is not None)):
+        # a finished block is restored from the progress checkpoint; its full-precision
+        # weights are only read when they give the next block's inputs (fp_inputs)
+        load_fp = not resumed or (fp_inputs and inputs is not None)
+        if meta and load_fp:
             materialize(block, prefix, checkpoint, device)
-        if device != home:
+        if device != home and load_fp:
             block.to(device)
         layers = block_linears(block, prefix, exclude)
         layers = {n: m for n, m in layers.items() if n in all_layers}
