@@ -269,41 +269,64 @@ class DistContext:
         self.call(what, lambda: _dist().broadcast_object_list(box, src=src, group=self.group))
         return box[0]
 
-    def _gather(self, t: torch.Tensor, dst: int, what: str, kind: str) -> Optional[List[torch.Tensor]]:
+    def _tree_reduce(self, t: torch.Tensor, dst: int, combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     what: str, kind: str) -> Optional[torch.Tensor]:
+        """Binary-tree reduction of ``t`` onto ``dst`` with point-to-point messages.
+
+        ⌈log2 P⌉ rounds; in each, half of the remaining ranks send their partial to a
+        partner, which merges it with ``combine``: every rank sends at most once and
+        holds at most two partials (a gather would put P of them on ``dst``).
+        Returns the merged tensor on ``dst``, None elsewhere.
+        """
         dist = _dist()
         group = None if t.is_cuda else self.group
-        t = t.contiguous()
-        out = [torch.empty_like(t) for _ in range(self.world)] if self.rank == dst else None
-        if self.rank != dst:
-            self._count(kind, t.numel() * t.element_size())
-        self.call(what, lambda: dist.gather(t, out, dst=dst, group=group))
-        return out
+        world, rel = self.world, (self.rank - dst) % self.world
+        cur = t.contiguous()
+        step = 1
+        while step < world:
+            if rel % (2 * step) == step:  # send to the partner and leave
+                peer = (rel - step + dst) % world
+                self._count(kind, cur.numel() * cur.element_size())
+                self.call(f"{what} (sending to rank {peer})",
+                          lambda: dist.send(cur, dst=peer, group=group))
+                return None
+            if rel % (2 * step) == 0 and rel + step < world:
+                peer = (rel + step + dst) % world
+                buf = torch.empty_like(cur)
+                self.call(f"{what} (receiving from rank {peer})",
+                          lambda: dist.recv(buf, src=peer, group=group))
+                cur = combine(cur, buf)
+            step *= 2
+        return cur
 
     def reduce_partial(self, partial: Dict[str, Any], dst: int, what: str,
                        kind: str = "statistics") -> Optional[Dict[str, Any]]:
         """Merge one layer's partial statistics (see ``Collector.partial_state``) on ``dst``."""
-        from .calib.compensated import merge_pairs
+        from .calib.compensated import two_sum
+
+        def merge_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            hi, e = two_sum(a[0], b[0])
+            lo = a[1] + b[1]
+            lo += e
+            return torch.stack([hi, lo])
 
         merged: Dict[str, Any] = {}
         for key in sorted(partial):
             v = partial[key]
             if v[0] == "sum":
-                parts = self._gather(torch.stack([v[1], v[2]]), dst, f"{what} ({key})", kind)
-                if parts is not None:
-                    hi, lo = merge_pairs((p[0], p[1]) for p in parts)
-                    merged[key] = ("sum", hi, lo)
+                r = self._tree_reduce(torch.stack([v[1], v[2]]), dst, merge_sum,
+                                      f"{what} ({key})", kind)
+                if r is not None:
+                    merged[key] = ("sum", r[0], r[1])
             elif v[0] == "max":
-                parts = self._gather(v[1], dst, f"{what} ({key})", kind)
-                if parts is not None:
-                    m = parts[0].clone()
-                    for p in parts[1:]:
-                        torch.maximum(m, p, out=m)
-                    merged[key] = ("max", m)
+                r = self._tree_reduce(v[1], dst, torch.maximum, f"{what} ({key})", kind)
+                if r is not None:
+                    merged[key] = ("max", r)
             elif v[0] == "count":
-                parts = self._gather(torch.tensor([int(v[1])], dtype=torch.int64), dst,
-                                     f"{what} ({key})", kind)
-                if parts is not None:
-                    merged[key] = ("count", int(sum(int(p[0]) for p in parts)))
+                r = self._tree_reduce(torch.tensor([int(v[1])], dtype=torch.int64), dst,
+                                      torch.add, f"{what} ({key})", kind)
+                if r is not None:
+                    merged[key] = ("count", int(r[0]))
             else:
                 raise ValueError(f"unknown partial statistic kind {v[0]!r} for {key!r}")
         return merged if self.rank == dst else None
