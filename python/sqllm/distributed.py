@@ -40,7 +40,6 @@ progress) always travel on the gloo group.
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import logging
 import os

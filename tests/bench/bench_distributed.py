@@ -162,13 +162,22 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--square", type=int, nargs="*", default=[1024, 2048])
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--cores", type=int, default=16, help="70B estimate: CPU cores per rank")
+    ap.add_argument("--fp64-tflops", type=float, default=50.0)
+    ap.add_argument("--bf16-tflops", type=float, default=400.0)
+    ap.add_argument("--link-gbs", type=float, default=25.0, help="GB/s between ranks")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--calib", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--fit", type=float, nargs=3, metavar=("A", "B", "C"),
+                    help="only print the 70B GPU estimate from these per-layer cost coefficients")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.fit:
+        gpu_estimate(*layer_costs_70b(*args.fit), args)
+        return 0
 
     import torch
 
@@ -224,10 +233,9 @@ def main() -> int:
     print(f"per-layer cost fit (1 thread): t = {a:.3g}·out·in² + {b:.3g}·in³ + {c:.3g}·out·in s")
     for t, o, i in pts[-len(args.square):]:
         print(f"  measured {o}x{i}: {t:.2f} s, fit {a * o * i * i + b * i ** 3 + c * o * i:.2f} s")
-    H, I, KV = L70["hidden"], L70["inter"], L70["kv"]
-    shapes = [(H, H), (KV, H), (KV, H), (H, H), (I, H), (I, H), (H, I)]
-    costs = [a * o * i * i + b * i ** 3 + c * o * i for o, i in shapes]
+    costs, shapes = layer_costs_70b(a, b, c)
     one = sum(costs)
+    H, I, KV = L70["hidden"], L70["inter"], L70["kv"]
     # statistics + forward: the one-process wall time not spent in quantize_layer, scaled by
     # the per-token FLOPs of a block (12·h² + 6·h·inter vs SmolLM2's) and the block count
     small = sum(v[0] for v in res[1][-1][0]["layers"].values())
@@ -236,6 +244,7 @@ def main() -> int:
     flops_ratio = (4 * H * H + 2 * KV * H * 2 + 3 * I * H) / (4 * hs * hs + 2 * 192 * hs * 2 + 3 * is_ * hs)
     print(f"LLaMA-70B block, 1 thread: layer costs {', '.join(f'{x / 60:.0f}' for x in costs)} "
           f"min (q,k,v,o,gate,up,down); {one / 3600:.1f} h per block")
+    print("all on CPU cores (statistics and forward passes measured here, scaled by FLOPs):")
     for cores in (1, 16):
         for P in (1, 8, 64):
             per_block = makespan(costs, P) / cores
@@ -244,7 +253,37 @@ def main() -> int:
             print(f"  {P:2d} rank(s) x {cores:2d} core(s) each: {total / 3600:.1f} h "
                   f"(quantization {L70['blocks'] * per_block / 3600:.1f} h + statistics/forward "
                   f"{L70['blocks'] * other70 / 3600:.2f} h, 128 x 2048 calibration tokens)")
+    gpu_estimate(costs, shapes, args)
     return 0
+
+
+def layer_costs_70b(a: float, b: float, c: float):
+    H, I, KV = L70["hidden"], L70["inter"], L70["kv"]
+    shapes = [(H, H), (KV, H), (KV, H), (H, H), (I, H), (I, H), (H, I)]
+    return [a * o * i * i + b * i ** 3 + c * o * i for o, i in shapes], shapes
+
+
+def gpu_estimate(costs, shapes, args) -> None:
+    H, I = L70["hidden"], L70["inter"]
+    # On GPUs: statistics and forward passes by FLOP count at assumed throughputs (not
+    # measured: no GPU here); the quantizer (sqllm's C++ engine) runs on each rank's cores.
+    import math
+
+    tokens = 128 * 2048
+    xtx = 2 * (3 * H * H + I * I)  # fp64 XᵀX per token (q/k/v and gate/up share an input)
+    fwd = 2 * 2 * sum(o * i for o, i in shapes)  # two block forwards per token
+    gpu_stats = tokens * (xtx / (args.fp64_tflops * 1e12) + fwd / (args.bf16_tflops * 1e12))
+    hbytes = 16 * (6 * H * H + I * I)  # compensated Hessian pairs each rank sends per block
+    print(f"on GPUs ({args.fp64_tflops:g} TFLOP/s fp64 XᵀX, {args.bf16_tflops:g} TFLOP/s bf16 "
+          f"forwards, {args.link_gbs:g} GB/s links, quantizer on {args.cores} ideal cores per "
+          f"rank): statistics+forward {gpu_stats:.1f} s per block on one GPU, "
+          f"{hbytes / 1e9:.1f} GB of Hessian partials sent per rank per block")
+    for P in (1, 8, 64):
+        comm = math.ceil(math.log2(P)) * hbytes / (args.link_gbs * 1e9) if P > 1 else 0.0
+        quant = makespan(costs, P) / args.cores
+        total = L70["blocks"] * (quant + gpu_stats / P + comm)
+        print(f"  {P:2d} GPU(s): {total / 3600:.2f} h = 80 x ({quant:.0f} s quantization + "
+              f"{gpu_stats / P:.1f} s statistics/forward + {comm:.1f} s reduction)")
 
 
 if __name__ == "__main__":

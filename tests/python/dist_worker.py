@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Dict
+from typing import Dict
 
 import torch
 

@@ -233,7 +233,7 @@ def _assert_same_model(a: Path, b: Path) -> None:
 
 
 def test_statistics_equal_one_process(runs):
-    root, model_dir, calib = runs["root"], runs["model_dir"], runs["calib"]
+    root = runs["root"]
     ref = torch.load(root / "ref-stats.rank0.pt")
     per_rank = [torch.load(root / f"two-stats.rank{r}.pt") for r in range(2)]
     assert per_rank[0] and per_rank[1], "each rank quantizes (and receives statistics of) layers"
@@ -257,7 +257,7 @@ def test_statistics_equal_one_process(runs):
 
 def test_statistics_match_float64_reference(runs):
     """The collected Hessian of the first block's q_proj against XᵀX computed here in float64."""
-    root, model_dir, calib = runs["root"], runs["model_dir"], runs["calib"]
+    root, calib = runs["root"], runs["calib"]
     ref = torch.load(root / "ref-stats.rank0.pt")
     model = make_tiny_llama(seed=2)
     ids = torch.load(calib)
