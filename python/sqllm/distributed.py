@@ -17,10 +17,12 @@ streams the model block by block on every rank (:mod:`sqllm.calib.streamer`) and
 * **spreads the Linears** of each block over the ranks (longest job first by a
   cost model: ``out·in² + in³/3`` for Hessian methods, ``out·in`` otherwise); each
   rank quantizes its layers and the quantized layers are all-gathered, so every
-  rank can run the quantized block on its shard.  Each layer is quantized by one
-  process from the same weights and statistics as in one process, so the saved
-  model is identical bit for bit (same library build, thread count and device
-  type);
+  rank can run the quantized block on its shard.  Per-row methods (RTN; SqueezeLLM
+  with row tables, dense, without GPTQ) split every Linear into one row range per
+  rank instead and concatenate the ranges' buffers (each row is quantized on its
+  own).  Every layer (or row) is quantized from the same weights and statistics as
+  in one process, so the saved model is identical bit for bit (same library build,
+  thread count and device type);
 * **rank 0 writes** the output shard by shard; the others free each block when
   it is done (no rank holds the whole model when it is opened on the meta device);
 * **checkpoints progress** after every finished block (``<out>.progress/``,
@@ -298,6 +300,22 @@ class DistContext:
             step *= 2
         return cur
 
+    def reduce_rows(self, partial: Dict[str, Any], ranges: List[Tuple[int, int]], what: str,
+                    kind: str = "statistics") -> Dict[str, Any]:
+        """Merge a partial whose sums are shaped like the weight (the Fisher diagonal) in
+        row ranges, range ``r`` onto rank ``r``; returns this rank's rows."""
+        mine = None
+        for r, (lo, hi) in enumerate(ranges):
+            part = {}
+            for k, v in partial.items():
+                if v[0] != "sum":
+                    raise ValueError(f"only sums can be reduced by rows, not {v[0]!r} ({k})")
+                part[k] = ("sum", v[1][lo:hi], v[2][lo:hi])
+            m = self.reduce_partial(part, r, f"{what} (rows {lo}:{hi})", kind)
+            if m is not None:
+                mine = m
+        return mine
+
     def reduce_partial(self, partial: Dict[str, Any], dst: int, what: str,
                        kind: str = "statistics") -> Optional[Dict[str, Any]]:
         """Merge one layer's partial statistics (see ``Collector.partial_state``) on ``dst``."""
@@ -338,20 +356,89 @@ class DistContext:
 
 # -- work-parallel quantization ----------------------------------------------------------
 
+def row_split_layers(qm: Any, layers: Dict[str, nn.Linear], world: int) -> Dict[str, List[Tuple[int, int]]]:
+    """Layers whose output rows are quantized independently, split into one row range per
+    rank: RTN (per-row grids) and SqueezeLLM with row tables and no sparse part or GPTQ
+    (one k-means per row, weighted by the row's Fisher).  Other methods: none."""
+    from .methods import RTN, SqueezeLLM
+
+    if type(qm) is RTN:
+        ok = True
+    elif type(qm) is SqueezeLLM:
+        ok = qm.group_axis == "row" and not qm.sparsity and not qm.gptq
+    else:
+        ok = False
+    if not ok or world < 2:
+        return {}
+    out = {}
+    for n, lin in layers.items():
+        rows = int(lin.out_features)
+        if rows >= world:
+            out[n] = [(r * rows // world, (r + 1) * rows // world) for r in range(world)]
+    return out
+
+
+def _row_slice(lin: nn.Linear, lo: int, hi: int) -> nn.Linear:
+    sub = nn.Linear(lin.in_features, hi - lo, bias=lin.bias is not None, device="meta")
+    sub.weight = nn.Parameter(lin.weight.detach()[lo:hi], requires_grad=False)
+    if lin.bias is not None:
+        sub.bias = nn.Parameter(lin.bias.detach()[lo:hi], requires_grad=False)
+    return sub
+
+
+def _merge_rows(name: str, parts: List[nn.Module], ranges: List[Tuple[int, int]]) -> nn.Module:
+    """One layer from the layers of its row ranges: row-indexed buffers concatenated."""
+    from .config import LayerFormat
+
+    total = ranges[-1][1]
+    cfgs = [dict(p.layer_config()) for p in parts]
+    for c, (lo, hi) in zip(cfgs, ranges):
+        if int(c.pop("out_features")) != hi - lo:
+            raise RuntimeError(f"{name}: a row range came back with the wrong number of rows")
+    if any(c != cfgs[0] for c in cfgs[1:]):
+        raise RuntimeError(f"{name}: the row ranges were quantized into different formats")
+    merged = LayerFormat.from_layer_config({**cfgs[0], "out_features": total}).build()
+    full = merged.state_dict()
+    states = [p.state_dict() for p in parts]
+    sd = {}
+    for key, ref in full.items():
+        ts = [st[key] for st in states]
+        if key == "sparse_row_ptr":  # no sparse part (checked by row_split_layers)
+            if any(int(t.abs().sum()) for t in ts):
+                raise RuntimeError(f"{name}: row ranges with a sparse part cannot be merged")
+            sd[key] = torch.zeros_like(ref)
+        elif ref.dim() >= 1 and ref.shape[0] == total and all(
+                t.shape[0] == hi - lo for t, (lo, hi) in zip(ts, ranges)):
+            sd[key] = torch.cat(ts, 0)
+        elif all(t.shape == ts[0].shape and torch.equal(t, ts[0]) for t in ts):
+            sd[key] = ts[0]
+        else:
+            raise RuntimeError(f"{name}: buffer {key} differs between row ranges")
+    merged.load_state_dict(sd)
+    return merged
+
+
 def quantize_layers(ctx: DistContext, qm: Any, layers: Dict[str, nn.Linear],
-                    stats: Dict[str, Any], owner: Dict[str, int]) -> Dict[str, nn.Module]:
-    """Each rank quantizes the layers it owns; every rank gets them all (CPU modules).
+                    stats: Dict[str, Any], owner: Dict[str, int],
+                    split: Optional[Dict[str, List[Tuple[int, int]]]] = None) -> Dict[str, nn.Module]:
+    """Each rank quantizes the layers it owns, and its row range of the layers in
+    ``split``; every rank gets them all (CPU modules).
 
     An error on one rank is raised on every rank (same type when it is a
     ValueError/TypeError, naming the rank), so all ranks stop together.
     """
+    split = split or {}
     mine: Dict[str, Any] = {}
     error: Optional[Tuple[str, str]] = None
     for name, lin in layers.items():
-        if owner[name] != ctx.rank:
+        if name not in split and owner[name] != ctx.rank:
             continue
         try:
-            mine[name] = qm.quantize_layer(name, lin, stats).cpu()
+            if name in split:
+                lo, hi = split[name][ctx.rank]
+                mine[name] = qm.quantize_layer(name, _row_slice(lin, lo, hi), stats).cpu()
+            else:
+                mine[name] = qm.quantize_layer(name, lin, stats).cpu()
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             error = (type(e).__name__, str(e))
             ctx.report_failure(e)
@@ -368,7 +455,10 @@ def quantize_layers(ctx: DistContext, qm: Any, layers: Dict[str, nn.Linear],
                       else f"rank {r} failed: {etype}: {msg}")
     out: Dict[str, nn.Module] = {}
     for g in gathered:
-        out.update(g["layers"])
+        out.update({n: q for n, q in g["layers"].items() if n not in split})
+    for n in layers:
+        if n in split:
+            out[n] = _merge_rows(n, [g["layers"][n] for g in gathered], split[n])
     missing = [n for n in layers if n not in out]
     if missing:
         raise RuntimeError(f"no rank quantized {missing[:3]}")

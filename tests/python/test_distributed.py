@@ -400,3 +400,42 @@ def test_resume_from_progress_in_one_process(tmp_path, fp_inputs):
     assert sorted(got) == sorted(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("method,opts", [("rtn", {"group_size": 32}), ("rtn", {"sym": True}),
+                                         ("squeezellm", {"weighted": False}),
+                                         ("squeezellm", {"weighted": False, "kmeans": "lloyd"})])
+def test_row_ranges_merge_to_the_whole_layer(method, opts):
+    """Per-row methods: quantizing row ranges and merging them gives the whole layer's bits."""
+    from sqllm.distributed import _merge_rows, _row_slice, row_split_layers
+    from sqllm.methods import METHODS
+
+    g = torch.Generator().manual_seed(11)
+    lin = torch.nn.Linear(64, 37, bias=True)  # odd row count: uneven ranges
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(37, 64, generator=g))
+        lin.bias.copy_(torch.randn(37, generator=g))
+    qm = METHODS[method](bits=3, **opts)
+    for world in (2, 3, 5):
+        ranges = row_split_layers(qm, {"l": lin}, world)["l"]
+        assert ranges[0][0] == 0 and ranges[-1][1] == 37
+        parts = [qm.quantize_layer("l", _row_slice(lin, lo, hi), {}) for lo, hi in ranges]
+        merged = _merge_rows("l", parts, ranges).state_dict()
+        whole = qm.quantize_layer("l", lin, {}).state_dict()
+        assert sorted(merged) == sorted(whole)
+        for k in whole:
+            assert merged[k].dtype == whole[k].dtype and torch.equal(merged[k], whole[k]), (k, world)
+
+
+def test_row_split_only_for_row_independent_methods():
+    from sqllm.distributed import row_split_layers
+    from sqllm.methods import GPTQ, RTN, SqueezeLLM
+
+    lin = {"a": torch.nn.Linear(8, 6), "b": torch.nn.Linear(8, 1)}
+    assert set(row_split_layers(RTN(bits=4), lin, 2)) == {"a"}  # 1 row: not split
+    assert set(row_split_layers(SqueezeLLM(bits=3), lin, 2)) == {"a"}
+    assert row_split_layers(SqueezeLLM(bits=3, sparsity=0.01), lin, 2) == {}
+    assert row_split_layers(SqueezeLLM(bits=3, group_axis="column"), lin, 2) == {}
+    assert row_split_layers(SqueezeLLM(bits=3, gptq=True), lin, 2) == {}
+    assert row_split_layers(GPTQ(bits=4), lin, 2) == {}
+    assert row_split_layers(RTN(bits=4), lin, 1) == {}

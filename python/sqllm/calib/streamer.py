@@ -361,6 +361,7 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
 
         dist = current()
     owner: Dict[str, int] = {}
+    split_rows: Dict[str, Any] = {}
     local_batches = batches
     if dist is not None:
         from ..distributed import assign_owners, shard_batches
@@ -379,6 +380,10 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         shapes = {n: (int(m.out_features), int(m.in_features)) for n, m in all_layers.items()}
         owner = assign_owners(shapes, list(groups.values()), dist.world,
                               "hessian" in qm.required_stats())
+        if set(qm.required_stats()) <= {"fisher"}:  # per-row methods: row ranges per rank
+            from ..distributed import row_split_layers
+
+            split_rows = row_split_layers(qm, all_layers, dist.world)
         progress = progress and dist.rank == 0
 
     def reduce_states(coll: Collector, names: Any) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -387,8 +392,12 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
             return {n: coll.layer_state(n) for n in names}
         out = {}
         for n in names:
-            merged = dist.reduce_partial(coll.partial_state(n), owner[n],
-                                         f"reducing the {coll.name} statistics of {n}")
+            if n in split_rows:
+                merged = dist.reduce_rows(coll.partial_state(n), split_rows[n],
+                                          f"reducing the {coll.name} statistics of {n}")
+            else:
+                merged = dist.reduce_partial(coll.partial_state(n), owner[n],
+                                             f"reducing the {coll.name} statistics of {n}")
             if hasattr(coll, "drop"):
                 coll.drop(n)
             if merged is not None:
@@ -400,7 +409,7 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
             return {n: qm.quantize_layer(n, lin, stats) for n, lin in group.items()}
         from ..distributed import quantize_layers
 
-        return quantize_layers(dist, qm, group, stats, owner)
+        return quantize_layers(dist, qm, group, stats, owner, split_rows)
 
     required = tuple(qm.required_stats())
     collectors = {name: get_collector(name) for name in required}
