@@ -6,7 +6,8 @@ otherwise it is the single-process reference.  Every job quantizes the tiny
 model folder ``model`` on the meta device into ``out`` with the calibration
 token ids of ``calib`` (a .pt file); the ``probe`` method records the
 statistics it is handed to ``stats_out``.  ``SQLLM_TEST_DIE`` = "RANK:LAYER"
-makes that rank kill itself (SIGKILL) when it starts quantizing LAYER.
+makes that rank kill itself (SIGKILL) when it starts quantizing LAYER, or raise a
+ValueError there with ``SQLLM_TEST_DIE_HOW=raise``.
 """
 from __future__ import annotations
 
@@ -55,11 +56,14 @@ def _install_killer() -> None:
     rank_s, layer = spec.split(":", 1)
     if int(os.environ.get("RANK", "0")) != int(rank_s):
         return
+    how = os.environ.get("SQLLM_TEST_DIE_HOW", "kill")
     for cls in list(METHODS.values()):
         orig = cls.quantize_layer
 
         def wrapped(self, name, linear, stats, orig=orig):
             if name == layer:
+                if how == "raise":
+                    raise ValueError(f"layer {name!r}: simulated bad weights")
                 os.kill(os.getpid(), signal.SIGKILL)
             return orig(self, name, linear, stats)
 

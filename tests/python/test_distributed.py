@@ -203,13 +203,17 @@ def runs(tmp_path_factory):
                      out=str(root / "kill-gptq"))]
     kill = _start(kill_job, 2, root, "kill", {"SQLLM_TEST_DIE": f"1:{_victim()}"})
     kill_exits = _watch(kill)
+    # rank 1 raises a ValueError in a layer of block 1: both ranks raise it
+    bad = _start([dict(kill_job[0], out=str(root / "bad-gptq"))], 2, root, "bad",
+                 {"SQLLM_TEST_DIE": f"1:{_victim()}", "SQLLM_TEST_DIE_HOW": "raise"})
     rcs = _wait(ref + two)
     for (tag, rank), rc in zip([("ref", 0), ("two", 0), ("two", 1)], rcs):
         assert rc == 0, f"{tag} rank {rank} failed:\n{_log(root, tag, rank)[-3000:]}"
     kill_rcs = _wait(kill, timeout=120)
+    bad_rcs = _wait(bad, timeout=120)
     time.sleep(0.2)  # let the watchers record the exits
     return dict(root=root, model_dir=model_dir, calib=calib, kill_job=kill_job,
-                kill_rcs=kill_rcs, kill_exits=kill_exits)
+                kill_rcs=kill_rcs, kill_exits=kill_exits, bad_rcs=bad_rcs)
 
 
 def _tensors(folder: Path) -> Dict[str, torch.Tensor]:
@@ -439,3 +443,14 @@ def test_row_split_only_for_row_independent_methods():
     assert row_split_layers(SqueezeLLM(bits=3, gptq=True), lin, 2) == {}
     assert row_split_layers(GPTQ(bits=4), lin, 2) == {}
     assert row_split_layers(RTN(bits=4), lin, 1) == {}
+
+
+def test_error_on_one_rank_is_raised_on_every_rank(runs):
+    """A ValueError while rank 1 quantizes a layer reaches rank 0 too, naming rank 1."""
+    root = runs["root"]
+    assert runs["bad_rcs"] == [1, 1]
+    for r in range(2):
+        log = _log(root, "bad", r)
+        assert "ValueError: layer 'model.layers.1." in log and "simulated bad weights" in log
+        assert "(on rank 1)" in log, log[-2000:]
+    assert not (root / "bad-gptq").exists()
