@@ -159,6 +159,13 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
 
     If quantization fails part-way, the model's original layers are put back
     (and its config left as it was) before the error propagates.
+
+    Under ``torch.distributed`` (initialized with several processes, e.g. by
+    ``torchrun``) every rank calls this with the same arguments; the work is
+    shared (:mod:`sqllm.distributed`): calibration data sharded, statistics
+    reduced, layers spread over the ranks; rank 0 writes ``out``, progress is
+    checkpointed per block in ``<out>.progress`` and the same call resumes there.
+    The result is identical bit for bit to a single-process run.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -185,8 +192,14 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     meta = is_meta_model(model)
     required = tuple(qm.required_stats())
     block_stats = any(get_collector(s).scope == "block" for s in required) or _overrides_block(qm)
+    from .distributed import current
+
+    dist_ctx = current()
     if stream is None:
-        stream = meta or block_stats or stats_dir is not None
+        stream = meta or block_stats or stats_dir is not None or dist_ctx is not None
+    if dist_ctx is not None and not stream:
+        raise ValueError("a distributed run (torch.distributed is initialized) streams the "
+                         "model: stream=False is not supported there")
     if not stream and meta:
         raise ValueError("a model on the meta device can only be quantized with stream=True")
     if not stream and device is not None:
@@ -196,7 +209,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     if checkpoint is not None and not isinstance(checkpoint, SafetensorsCheckpoint):
         checkpoint = SafetensorsCheckpoint(checkpoint, getattr(model, "base_model_prefix", "") or "")
 
-    if out is not None:
+    if out is not None and (dist_ctx is None or dist_ctx.rank == 0):
         from .io import check_output_folder
 
         # Output problems surface now, not after the whole quantization ran.
@@ -214,8 +227,10 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
         return _quantize(model, qm, method, bits, layers, calibration, tokenizer, nsamples,
                          seqlen, seed, exclude, sensitivity, progress, stream, meta, block_stats,
                          required, fp_inputs, stats_dir, out, checkpoint, device,
-                         sequential_groups, overwrite)
-    except BaseException:
+                         sequential_groups, overwrite, dist_ctx)
+    except BaseException as exc:
+        if dist_ctx is not None:
+            dist_ctx.report_failure(exc)
         for name, mod in originals.items():
             try:
                 if model.get_submodule(name) is not mod:
@@ -236,7 +251,7 @@ def _quantize(model: nn.Module, qm: Any, method: str, bits: Any, layers: Dict[st
               exclude: Iterable[str], sensitivity: Optional[Dict[str, torch.Tensor]],
               progress: bool, stream: bool, meta: bool, block_stats: bool, required: Any,
               fp_inputs: bool, stats_dir: Any, out: Any, checkpoint: Any, device: Any,
-              sequential_groups: bool, overwrite: bool) -> nn.Module:
+              sequential_groups: bool, overwrite: bool, dist_ctx: Any = None) -> nn.Module:
     from .calib.streamer import _overrides_block, stream_quantize
 
     t0 = time.perf_counter()
@@ -252,8 +267,20 @@ def _quantize(model: nn.Module, qm: Any, method: str, bits: Any, layers: Dict[st
                if needs_data else None)
 
     writer = None
+    main = dist_ctx is None or dist_ctx.rank == 0
+    progress_ck = None
     if stream:
-        if out is not None and meta:
+        if dist_ctx is not None and out is not None:
+            from .distributed import ProgressCheckpoint, progress_dir_for, run_identity
+
+            pdir = progress_dir_for(out)
+            dist_ctx.resume_hint = (f"Finished blocks are kept in {pdir}: the same command "
+                                    "resumes from there.")
+            progress_ck = ProgressCheckpoint(pdir, run_identity(
+                model, qm, layers, batches, fp_inputs=fp_inputs,
+                sequential_groups=bool(sequential_groups), exclude=sorted(exclude),
+                precomputed_sensitivity=sensitivity is not None), dist_ctx)
+        if out is not None and meta and main:
             from .io import ShardWriter
 
             writer = ShardWriter(out, overwrite=overwrite)
@@ -263,7 +290,10 @@ def _quantize(model: nn.Module, qm: Any, method: str, bits: Any, layers: Dict[st
                                          fp_inputs=fp_inputs, stats_dir=stats_dir,
                                          progress=progress, device=device,
                                          sequential_groups=sequential_groups,
-                                         precomputed=stats or None)
+                                         precomputed=stats or None, dist=dist_ctx,
+                                         progress_checkpoint=progress_ck,
+                                         discard_blocks=dist_ctx is not None and meta
+                                         and out is not None and not main)
         t_stats = 0.0
     else:
         if not stats and qm.needs_calibration:
@@ -291,10 +321,14 @@ def _quantize(model: nn.Module, qm: Any, method: str, bits: Any, layers: Dict[st
         model.config.quantization_config = qcfg
     if writer is not None:
         writer.finish(model, tokenizer)
-    elif out is not None:
+    elif out is not None and main and not (dist_ctx is not None and meta):
         from .io import save_quantized
 
         save_quantized(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    if dist_ctx is not None:
+        if progress_ck is not None:
+            progress_ck.remove()
+        dist_ctx.barrier("finishing the quantized model")
     log.info("quantized %d layers with %s in %.1f s%s", len(layer_cfgs), method, t_total,
              " (streamed)" if stream else f" (statistics {t_stats:.1f} s)")
     return model

@@ -12,7 +12,7 @@ moment backward produces it, and then freed.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -62,7 +62,23 @@ def fisher_diagonal(model: nn.Module, batches: torch.Tensor,
     Returns
     -------
     dict name -> float32 tensor shaped like the weight (on the CPU), >= 0.
+
+    The sum over sequences is a compensated float64 sum rounded once
+    (:mod:`sqllm.calib.compensated`), so it does not depend on the order of the
+    sequences (data-parallel runs give the same bits).
     """
+    parts = fisher_partials(model, batches, layers, progress)
+    return {k: v.value().float().cpu() for k, v in parts.items()}
+
+
+def fisher_partials(model: nn.Module, batches: torch.Tensor,
+                    layers: Optional[Dict[str, nn.Linear]] = None,
+                    progress: bool = True) -> Dict[str, Any]:
+    """:func:`fisher_diagonal` before the final rounding: name -> a
+    :class:`~sqllm.calib.compensated.CompensatedSum` of the squared gradients
+    (float64 pairs, 16 bytes per weight), for merging the sums of several processes."""
+    from .calib.compensated import CompensatedSum
+
     if not isinstance(batches, torch.Tensor) or batches.dim() != 2:
         raise ValueError("batches must be a 2-D LongTensor [nsamples, seqlen], got "
                          f"{getattr(batches, 'shape', type(batches).__name__)}")
@@ -78,7 +94,7 @@ def fisher_diagonal(model: nn.Module, batches: torch.Tensor,
 
     device = next(model.parameters()).device
     saved_flags = {p: p.requires_grad for p in model.parameters()}
-    fisher: Dict[str, torch.Tensor] = {}
+    fisher: Dict[str, Any] = {}
     hooks: List[torch.utils.hooks.RemovableHandle] = []
     was_training = model.training
     model.eval()
@@ -88,11 +104,10 @@ def fisher_diagonal(model: nn.Module, batches: torch.Tensor,
         for name, lin in layers.items():
             w = lin.weight
             w.requires_grad_(True)
-            fisher[name] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            fisher[name] = CompensatedSum(w.shape, device=w.device)
 
-            def hook(param: torch.Tensor, acc: torch.Tensor = fisher[name]) -> None:
-                g = param.grad.float()
-                acc.addcmul_(g, g)  # grad^2, accumulated in fp32, in place
+            def hook(param: torch.Tensor, acc: Any = fisher[name]) -> None:
+                acc.add_square(param.grad.float())  # grad^2 exact in fp64, compensated sum
                 param.grad = None
 
             hooks.append(w.register_post_accumulate_grad_hook(hook))
@@ -109,4 +124,4 @@ def fisher_diagonal(model: nn.Module, batches: torch.Tensor,
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
-    return {k: v.float().cpu() for k, v in fisher.items()}
+    return fisher

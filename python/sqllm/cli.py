@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -274,8 +275,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.eval:
         r = _perplexity(model, tok, args)
         print(f"quantized perplexity: {r.ppl:.3f}")
-    out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite)
-    print(f"saved to {out}")
+    from .distributed import current, is_main
+
+    if is_main():  # one writer in a distributed run
+        out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite)
+        print(f"saved to {out}")
+    if current() is not None:
+        current().barrier("saving the quantized model")
     return 0
 
 
@@ -351,6 +357,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"quantize": _cmd_quantize, "eval": _cmd_eval, "generate": _cmd_generate,
                "info": _cmd_info, "demo": _cmd_demo}[args.cmd]
+    from .distributed import DistributedError, init_from_env
+
+    stdout = sys.stdout
+    joined = False
+    try:
+        # Under torchrun (RANK/WORLD_SIZE set): join the group; quantize and eval share the
+        # work, rank 0 alone prints and writes.
+        if args.cmd in ("quantize", "eval") and init_from_env(getattr(args, "device", None)):
+            import torch.distributed as dist
+
+            joined = True
+            if dist.get_rank() != 0:
+                args.quiet = True
+                logging.getLogger().setLevel(logging.WARNING)
+                sys.stdout = open(os.devnull, "w")
+    except (ValueError, RuntimeError) as e:
+        print(f"sqllm {args.cmd}: error: cannot join the distributed run: {e}", file=sys.stderr)
+        return 2
     try:
         threads = getattr(args, "threads", 0)
         if threads < 0:
@@ -367,6 +391,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else f"{e.strerror or e}: {e.filename}"
         print(f"sqllm {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
+    except DistributedError as e:
+        print(f"sqllm {args.cmd}: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+        if joined:
+            import torch.distributed as dist
+
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - leaving anyway
+                pass
 
 
 if __name__ == "__main__":  # pragma: no cover

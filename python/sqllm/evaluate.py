@@ -118,6 +118,11 @@ def perplexity(
     progress : bool, default True
         Show a tqdm progress bar.
 
+    Under ``torch.distributed`` with several processes (:mod:`sqllm.distributed`)
+    every rank calls this with the same arguments and evaluates a contiguous run
+    of the windows; the per-window sums are gathered and added in window order,
+    so the result equals the single-process one bit for bit.
+
     Returns
     -------
     PerplexityResult
@@ -155,13 +160,22 @@ def perplexity(
     windows = input_ids[0, : n_windows * seqlen].reshape(n_windows, seqlen).to(torch.long)
     was_training = model.training
     model.eval()
-    total_nll = 0.0  # Python float: double-precision accumulation across windows
+    window_nll = []  # per window, in order; summed below as Python floats (double precision)
+    firsts = list(range(0, n_windows, batch_size))
+    from .distributed import current
+
+    dist = current()  # several processes: each evaluates a contiguous run of the batches
+    if dist is not None:
+        firsts = firsts[dist.rank * len(firsts) // dist.world:
+                        (dist.rank + 1) * len(firsts) // dist.world]
+        progress = progress and dist.rank == 0
     start = time.perf_counter()
     try:
         with torch.inference_mode(), tqdm(
-            total=n_windows, desc="perplexity", unit="window", disable=not progress
+            total=sum(min(batch_size, n_windows - f) for f in firsts), desc="perplexity",
+            unit="window", disable=not progress
         ) as bar:
-            for first in range(0, n_windows, batch_size):
+            for first in firsts:
                 batch = windows[first : first + batch_size].to(device)
                 logits = _logits(model, batch)
                 if logits.shape[:2] != batch.shape:
@@ -171,10 +185,15 @@ def perplexity(
                 # Row by row: logits[b, :-1] is a contiguous view, so no [B, L, V] copy.
                 for row in range(batch.shape[0]):
                     nll = F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum")
-                    total_nll += float(nll)
+                    window_nll.append(float(nll))
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)
+    if dist is not None:
+        window_nll = dist.all_sum_float(window_nll, "gathering the perplexity of the windows")
+    total_nll = 0.0
+    for v in window_nll:  # in window order: the same sum in one or several processes
+        total_nll += v
     seconds = time.perf_counter() - start
 
     n_predicted = n_windows * (seqlen - 1)

@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Dict, List, Optional, Type
 import torch
 from torch import nn
 
+from .compensated import CompensatedSum
+
 __all__ = ["Collector", "HessianCollector", "ActStatsCollector", "FisherCollector",
            "COLLECTORS", "get_collector"]
 
@@ -94,7 +96,25 @@ class Collector:
 
     def layer_state(self, name: str) -> Dict[str, torch.Tensor]:
         """The statistic of one layer as CPU tensors (what a stats dir stores)."""
+        return self.finish_partial(self.partial_state(name))
+
+    def partial_state(self, name: str) -> Dict[str, Any]:
+        """The unreduced statistic of one layer, for merging partials of several processes
+        (:mod:`sqllm.distributed`): key -> ``("sum", hi, lo)`` (a compensated float64 sum),
+        ``("max", tensor)`` or ``("count", int)``."""
         raise NotImplementedError
+
+    def finish_partial(self, partial: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """A (merged) :meth:`partial_state` -> the :meth:`layer_state` dict."""
+        out: Dict[str, torch.Tensor] = {}
+        for k, v in partial.items():
+            if v[0] == "sum":
+                out[k] = CompensatedSum.finish(v[1], v[2]).cpu()
+            elif v[0] == "max":
+                out[k] = v[1].cpu()
+            else:
+                out[k] = torch.tensor(int(v[1]), dtype=torch.int64)
+        return out
 
     def publish(self, states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
         """Per-layer states -> the ``stats`` entries a method reads."""
@@ -105,8 +125,9 @@ class Collector:
 class HessianCollector(Collector):
     """H = XᵀX of each Linear's input, X the (tokens, in_features) rows of every call.
 
-    Products and sums are float64 (the sum over a long calibration set is then
-    exact to ~1e-16 relative per term, which GPTQ's Cholesky needs).
+    Products and sums are float64, the sum over calibration batches compensated
+    (:mod:`.compensated`: the rounded result does not depend on the order of the
+    batches, so data-parallel runs reproduce it bit for bit).
     ``stats["hessian"][layer]`` is the float64 (in, in) sum, not divided by the
     count; ``stats["hessian_count"][layer]`` is the number of rows (an int).
     """
@@ -115,7 +136,7 @@ class HessianCollector(Collector):
 
     def __init__(self) -> None:
         super().__init__()
-        self._h: Dict[str, torch.Tensor] = {}
+        self._h: Dict[str, CompensatedSum] = {}
         self._n: Dict[str, int] = {}
         # Linears fed the same tensor (q/k/v, gate/up) share one product per call.
         self._last_x: Optional[torch.Tensor] = None
@@ -124,27 +145,26 @@ class HessianCollector(Collector):
 
     def _init_layer(self, name: str, linear: nn.Linear) -> None:
         dev = linear.weight.device
-        self._h[name] = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64,
-                                    device=dev if dev.type != "meta" else "cpu")
+        self._h[name] = CompensatedSum((linear.in_features, linear.in_features),
+                                       device=dev if dev.type != "meta" else torch.device("cpu"))
         self._n[name] = 0
 
     def _update(self, name: str, linear: nn.Linear, x: torch.Tensor) -> None:
         if x is self._last_x and x._version == self._last_version:
             xtx = self._last_xtx
         else:
-            rows = _rows(x, linear.in_features, name).to(self._h[name].device, torch.float64)
+            rows = _rows(x, linear.in_features, name).to(self._h[name].hi.device, torch.float64)
             xtx = rows.T @ rows
             self._last_x, self._last_version, self._last_xtx = x, x._version, xtx
-        self._h[name] += xtx
+        self._h[name].add(xtx)
         self._n[name] += x.numel() // linear.in_features
 
     def detach(self) -> None:
         super().detach()
         self._last_x = self._last_xtx = None
 
-    def layer_state(self, name: str) -> Dict[str, torch.Tensor]:
-        return {"hessian": self._h[name].cpu(),
-                "count": torch.tensor(self._n[name], dtype=torch.int64)}
+    def partial_state(self, name: str) -> Dict[str, Any]:
+        return {"hessian": ("sum",) + self._h[name].pair(), "count": ("count", self._n[name])}
 
     def publish(self, states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
         return {"hessian": {n: s["hessian"] for n, s in states.items()},
@@ -166,8 +186,8 @@ class ActStatsCollector(Collector):
     def __init__(self) -> None:
         super().__init__()
         self._max: Dict[str, torch.Tensor] = {}
-        self._sum_abs: Dict[str, torch.Tensor] = {}
-        self._sum: Dict[str, torch.Tensor] = {}
+        self._sum_abs: Dict[str, CompensatedSum] = {}
+        self._sum: Dict[str, CompensatedSum] = {}
         self._n: Dict[str, int] = {}
 
     def _init_layer(self, name: str, linear: nn.Linear) -> None:
@@ -175,24 +195,23 @@ class ActStatsCollector(Collector):
         dev = dev if dev.type != "meta" else torch.device("cpu")
         k = linear.in_features
         self._max[name] = torch.zeros(k, dtype=torch.float32, device=dev)
-        self._sum_abs[name] = torch.zeros(k, dtype=torch.float64, device=dev)
-        self._sum[name] = torch.zeros(k, dtype=torch.float64, device=dev)
+        self._sum_abs[name] = CompensatedSum((k,), device=dev)
+        self._sum[name] = CompensatedSum((k,), device=dev)
         self._n[name] = 0
 
     def _update(self, name: str, linear: nn.Linear, x: torch.Tensor) -> None:
-        rows = _rows(x, linear.in_features, name).to(self._sum[name].device, torch.float64)
+        rows = _rows(x, linear.in_features, name).to(self._sum[name].hi.device, torch.float64)
         if rows.shape[0] == 0:
             return
         a = rows.abs()
         torch.maximum(self._max[name], a.amax(dim=0).float(), out=self._max[name])
-        self._sum_abs[name] += a.sum(dim=0)
-        self._sum[name] += rows.sum(dim=0)
+        self._sum_abs[name].add(a.sum(dim=0))
+        self._sum[name].add(rows.sum(dim=0))
         self._n[name] += rows.shape[0]
 
-    def layer_state(self, name: str) -> Dict[str, torch.Tensor]:
-        return {"max_abs": self._max[name].cpu(), "sum_abs": self._sum_abs[name].cpu(),
-                "sum": self._sum[name].cpu(),
-                "count": torch.tensor(self._n[name], dtype=torch.int64)}
+    def partial_state(self, name: str) -> Dict[str, Any]:
+        return {"max_abs": ("max", self._max[name]), "sum_abs": ("sum",) + self._sum_abs[name].pair(),
+                "sum": ("sum",) + self._sum[name].pair(), "count": ("count", self._n[name])}
 
     def publish(self, states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
         out: Dict[str, Any] = {}
@@ -227,13 +246,21 @@ class FisherCollector(Collector):
 
     def collect_model(self, model: nn.Module, layers: Dict[str, nn.Linear],
                       batches: torch.Tensor, progress: bool = True) -> None:
-        from ..calibration import fisher_diagonal
+        from ..calibration import fisher_partials
 
         self.layers = dict(layers)
-        self._f = fisher_diagonal(model, batches, self.layers, progress=progress)
+        self._f = fisher_partials(model, batches, self.layers, progress=progress)
 
-    def layer_state(self, name: str) -> Dict[str, torch.Tensor]:
-        return {"fisher": self._f[name]}
+    def partial_state(self, name: str) -> Dict[str, Any]:
+        return {"fisher": ("sum",) + self._f[name].pair()}
+
+    def finish_partial(self, partial: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        _, hi, lo = partial["fisher"]
+        return {"fisher": CompensatedSum.finish(hi, lo).float().cpu()}
+
+    def drop(self, name: str) -> None:
+        """Free the partial sums of one layer (after they were reduced)."""
+        self._f.pop(name, None)
 
     def publish(self, states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
         return {"fisher": {n: s["fisher"] for n, s in states.items()}}

@@ -290,7 +290,9 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
                     exclude=("lm_head",), checkpoint: Any = None, writer: Any = None,
                     fp_inputs: bool = False, stats_dir: Any = None, progress: bool = True,
                     batch_size: int = 1, device: Any = None, sequential_groups: bool = False,
-                    precomputed: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
+                    precomputed: Optional[Dict[str, Dict[str, Any]]] = None,
+                    dist: Any = "auto", progress_checkpoint: Any = None,
+                    discard_blocks: bool = False) -> Dict[str, Dict[str, Any]]:
     """Quantize ``model`` block by block with method instance ``qm``; return the layer table.
 
     Parameters
@@ -326,6 +328,16 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
         statistics are held at a time.  For methods that quantize layer by layer.
     precomputed : dict, optional
         Statistics entries already known (e.g. ``{"fisher": {...}}``).
+    dist : sqllm.distributed.DistContext, None or "auto"
+        Several processes (:mod:`sqllm.distributed`): calibration batches sharded,
+        statistics reduced to the rank quantizing each layer, layers spread over
+        the ranks and gathered.  "auto": the initialized process group, if any.
+    progress_checkpoint : sqllm.distributed.ProgressCheckpoint, optional
+        Finished blocks are recorded there; blocks it already holds are restored
+        instead of quantized.
+    discard_blocks : bool
+        Free each finished block (to meta) even without a writer (ranks other
+        than the writing one).
     """
     t0 = time.perf_counter()
     blocks_name, blocks = find_decoder_blocks(model)
@@ -343,6 +355,61 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
     all_layers = find_linear_layers(model, exclude=exclude)
     if not all_layers:
         raise ValueError("the model has no Linear layers to quantize")
+
+    if dist == "auto":
+        from ..distributed import current
+
+        dist = current()
+    owner: Dict[str, int] = {}
+    split_rows: Dict[str, Any] = {}
+    local_batches = batches
+    if dist is not None:
+        from ..distributed import assign_owners, shard_batches
+
+        if stats_dir is not None:
+            raise ValueError("stats_dir is not supported in a distributed run (yet)")
+        if _overrides_block(qm):
+            raise ValueError(f"method {qm.name!r} quantizes whole blocks (quantize_block), which "
+                             "a distributed run does not split; run it in one process")
+        if batches is not None:
+            local_batches = shard_batches(batches, batch_size, dist.rank, dist.world)
+        groups: Dict[str, List[str]] = {}
+        for n in all_layers:
+            key = n[len(blocks_name) + 1:].split(".", 1)[0] if not _outside(n, blocks_name) else ""
+            groups.setdefault(key, []).append(n)
+        shapes = {n: (int(m.out_features), int(m.in_features)) for n, m in all_layers.items()}
+        owner = assign_owners(shapes, list(groups.values()), dist.world,
+                              "hessian" in qm.required_stats())
+        if set(qm.required_stats()) <= {"fisher"}:  # per-row methods: row ranges per rank
+            from ..distributed import row_split_layers
+
+            split_rows = row_split_layers(qm, all_layers, dist.world)
+        progress = progress and dist.rank == 0
+
+    def reduce_states(coll: Collector, names: Any) -> Dict[str, Dict[str, torch.Tensor]]:
+        """The finished statistics of ``names`` (in a distributed run: those this rank owns)."""
+        if dist is None:
+            return {n: coll.layer_state(n) for n in names}
+        out = {}
+        for n in names:
+            if n in split_rows:
+                merged = dist.reduce_rows(coll.partial_state(n), split_rows[n],
+                                          f"reducing the {coll.name} statistics of {n}")
+            else:
+                merged = dist.reduce_partial(coll.partial_state(n), owner[n],
+                                             f"reducing the {coll.name} statistics of {n}")
+            if hasattr(coll, "drop"):
+                coll.drop(n)
+            if merged is not None:
+                out[n] = coll.finish_partial(merged)
+        return out
+
+    def quantize_group(group: Dict[str, nn.Linear]) -> Dict[str, QuantLinearBase]:
+        if dist is None:
+            return {n: qm.quantize_layer(n, lin, stats) for n, lin in group.items()}
+        from ..distributed import quantize_layers
+
+        return quantize_layers(dist, qm, group, stats, owner, split_rows)
 
     required = tuple(qm.required_stats())
     collectors = {name: get_collector(name) for name in required}
@@ -387,13 +454,13 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
                                if canonical.get(n, n) == n})
             model.tie_weights()
             try:
-                coll.collect_model(model, all_layers, batches, progress)
+                coll.collect_model(model, all_layers, local_batches, progress)
             finally:
                 release(model)
                 model.tie_weights()
         else:
-            coll.collect_model(model, all_layers, batches, progress)
-        states = {n: coll.layer_state(n) for n in all_layers}
+            coll.collect_model(model, all_layers, local_batches, progress)
+        states = reduce_states(coll, all_layers)
         if sdir is not None:
             for n, s in states.items():
                 sdir.save(cname, n, s)
@@ -409,7 +476,8 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
     block_kwargs: List[List[dict]] = []
     if need_inputs:
         hidden, block_args, block_kwargs = capture_block_inputs(
-            model, blocks_name, blocks, batches, checkpoint if meta else None, batch_size, device)
+            model, blocks_name, blocks, local_batches, checkpoint if meta else None, batch_size,
+            device)
         inputs = BlockInputs(hidden, block_args[0], block_kwargs[0])
         log.info("captured the inputs of %d blocks on %d batches", len(blocks), len(hidden))
 
@@ -422,9 +490,13 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
     for i in bar:
         block = blocks[i]
         prefix = f"{blocks_name}.{i}"
-        if meta:
+        resumed = progress_checkpoint is not None and i < progress_checkpoint.done
+        # a finished block is restored from the progress checkpoint; its full-precision
+        # weights are only read when they give the next block's inputs (fp_inputs)
+        load_fp = not resumed or (fp_inputs and inputs is not None)
+        if meta and load_fp:
             materialize(block, prefix, checkpoint, device)
-        if device != home:
+        if device != home and load_fp:
             block.to(device)
         layers = block_linears(block, prefix, exclude)
         layers = {n: m for n, m in layers.items() if n in all_layers}
@@ -454,7 +526,7 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
                 for c in colls:
                     c.detach()
             for c in colls:
-                states = {n: c.layer_state(n) for n in group}
+                states = reduce_states(c, group)
                 if sdir is not None:
                     for n, st in states.items():
                         sdir.save(c.name, n, st)
@@ -485,26 +557,40 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
                     if name in quantized:
                         release(lin)
 
-        if sequential_groups and block_scoped and layers and not overrides and inputs is not None:
+        if resumed:
+            from ..distributed import restore_block
+
+            if inputs is not None and fp_inputs:
+                fp_out = inputs.run(block)
+            restore_block(progress_checkpoint, i, model, block, prefix, layers, layer_cfgs, device)
+            for key in list(stats):
+                for name in layers:
+                    stats[key].pop(name, None)
+        elif sequential_groups and block_scoped and layers and not overrides and inputs is not None:
             if fp_inputs:
                 fp_out = inputs.run(block)
             for group in _input_groups(block, layers, inputs):
                 gather(group)
-                install({n: qm.quantize_layer(n, lin, stats) for n, lin in group.items()}, group)
+                install(quantize_group(group), group)
         else:
             if block_scoped and layers:
                 fp_out = gather(layers)
             if inputs is not None and fp_out is None and (overrides or fp_inputs):
                 fp_out = inputs.run(block)
-            install(qm.quantize_block(block, inputs, fp_out, stats, layers=layers), layers)
+            install(qm.quantize_block(block, inputs, fp_out, stats, layers=layers) if dist is None
+                    else quantize_group(layers), layers)
 
         if inputs is not None and i + 1 < len(blocks):
             nxt = fp_out if fp_inputs else inputs.run(block)
             inputs = BlockInputs(nxt, block_args[i + 1], block_kwargs[i + 1])
         del fp_out
-        if writer is not None:
-            writer.add_many(block.state_dict(prefix=prefix + "."))
-            writer.flush()
+        if progress_checkpoint is not None and not resumed:
+            progress_checkpoint.block_done(i, block.state_dict(prefix=prefix + "."),
+                                           {n: layer_cfgs[n] for n in layers if n in layer_cfgs})
+        if writer is not None or discard_blocks:
+            if writer is not None:
+                writer.add_many(block.state_dict(prefix=prefix + "."))
+                writer.flush()
             release(block)
             _return_freed_memory()
         elif device != home:
@@ -521,7 +607,7 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
             continue
         if meta:
             materialize(lin, name, checkpoint, home)
-        q = qm.quantize_layer(name, lin, stats)
+        q = quantize_group({name: lin})[name]
         set_module(model, name, q.to(home))
         layer_cfgs[name] = q.layer_config()
         if meta:
@@ -538,6 +624,8 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
             writer.add(n, t)
             del t
         writer.flush()
+        release(model)
+    elif discard_blocks:
         release(model)
     elif meta:
         materialize(model, "", checkpoint, home,
