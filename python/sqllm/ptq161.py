@@ -349,7 +349,7 @@ class PTQ161(QuantMethod):
     Attributes
     ----------
     bits : int
-        Bits of the binarised part (1; kept for the common interface).
+        Bits of the binarised part: 1 (sqllm.quantize's default 3 is read as unset).
     wbits : int
         Code width of the salient (masked) channels, 2..8.
     group_size : int
@@ -409,8 +409,11 @@ class PTQ161(QuantMethod):
     masks: str = ""
 
     def __post_init__(self) -> None:
-        if int(self.bits) != 1:
-            raise ValueError(f"ptq161 binarises the unmasked channels: bits must be 1, got {self.bits}")
+        # sqllm.quantize passes its own default bits=3 to every method: taken as "unset".
+        if int(self.bits) not in (1, 3):
+            raise ValueError(f"ptq161 binarises the unmasked channels (1 bit); the salient "
+                             f"channels' width is wbits: bits must be 1, got {self.bits}")
+        self.bits = 1
         self.wbits, self.group_size = check_uniform_options(self.wbits, self.group_size)
         if not 1 <= int(self.abits) <= 16:
             raise ValueError(f"abits must be in 1..16 (16: no activation quantization), got {self.abits}")
@@ -535,7 +538,7 @@ class PTQ161(QuantMethod):
                         with torch.no_grad():
                             for _, _, p in let_params:  # keep scales away from zero
                                 p.clamp_(min=1e-5)
-                        tot += float(loss)
+                        tot += float(loss.detach())
                     hist.append(tot / max(nuse, 1))
         finally:
             for n, lin in layers.items():
