@@ -365,3 +365,62 @@ def test_cli_quantize_ptq161(tmp_path, tiny_model_dir, capsys):
     assert qc.method == "ptq161" and qc.options["epochs"] == 1 and qc.options["lwc"]
     loaded = sqllm.load_quantized(out)
     assert isinstance(loaded.model.layers[0].mlp.up_proj, PTQ161QuantLinear)
+
+
+# -- restorative LoRA ----------------------------------------------------------------
+
+def test_restorative_lora_merges_the_adapters_and_resumes(tmp_path, calib_ids):
+    pytest.importorskip("peft")
+    from sqllm.ptq161_lora import restorative_lora
+
+    q = make_tiny_llama()
+    sqllm.quantize(q, method="ptq161", calibration=calib_ids, progress=False, epochs=0)
+    fp = make_tiny_llama()
+    before = {n: m.weight.detach().clone() for n, m in fp.named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    restorative_lora(fp, q, calib_ids, r=4, steps=4, lr=1e-3, state_dir=tmp_path / "s",
+                     save_every=2, progress=False)
+    changed = {n for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)
+               and not torch.equal(m.weight, before[n])}
+    # upstream's targets: q/k/v/gate/up/down of both blocks, not o_proj, not lm_head
+    assert changed == {f"model.layers.{i}.{p}" for i in (0, 1) for p in
+                       ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    # the merged change is the adapters' product B·A·(alpha/r), from the saved state
+    st = torch.load(tmp_path / "s" / "lora_state.pt", weights_only=False)
+    assert st["step"] == 4
+    name = "model.layers.1.mlp.up_proj"
+    a = next(v for k, v in st["adapter"].items() if name in k and "lora_A" in k)
+    b = next(v for k, v in st["adapter"].items() if name in k and "lora_B" in k)
+    torch.testing.assert_close(fp.get_submodule(name).weight - before[name], b @ a * (16 / 4),
+                               rtol=1e-4, atol=1e-6)
+    # a rerun with the same state resumes at the end: no further training, same merge
+    fp2 = make_tiny_llama()
+    restorative_lora(fp2, q, calib_ids, r=4, steps=4, lr=1e-3, state_dir=tmp_path / "s",
+                     progress=False)
+    assert torch.equal(fp2.get_submodule(name).weight, fp.get_submodule(name).weight)
+    with pytest.raises(ValueError, match="other LoRA settings"):
+        restorative_lora(make_tiny_llama(), q, calib_ids, r=8, steps=4,
+                         state_dir=tmp_path / "s", progress=False)
+
+
+def test_lora_steps_in_the_cli(tmp_path, tiny_model_dir):
+    pytest.importorskip("peft")
+    from sqllm.cli import main
+
+    model_dir, text = tiny_model_dir
+    common = ["--calib-text", str(text), "--nsamples", "2", "--seqlen", "16", "-q"]
+    q1, merged, q2, one = (tmp_path / n for n in ("q1", "merged", "q2", "one"))
+    assert main(["quantize", "--model", str(model_dir), "--out", str(q1), "--method", "ptq161",
+                 "--epochs", "1", *common]) == 0
+    assert main(["ptq161-lora", "--model", str(model_dir), "--quantized", str(q1), "--merge-only",
+                 "--out", str(merged), "--lora-r", "4", "--lora-steps", "2", *common]) == 0
+    assert main(["quantize", "--model", str(merged), "--out", str(q2), "--method", "ptq161",
+                 "--masks", str(q1), "--epochs", "1", *common]) == 0
+    assert main(["ptq161-lora", "--model", str(model_dir), "--out", str(one), "--lora-r", "4",
+                 "--lora-steps", "2", "--epochs", "1", *common]) == 0
+    a, b, c = (sqllm.load_quantized(f) for f in (q1, q2, one))
+    for name, m in a.named_modules():
+        if isinstance(m, PTQ161QuantLinear):
+            assert torch.equal(b.get_submodule(name).mask, m.mask)
+            assert torch.equal(c.get_submodule(name).mask, m.mask)  # same data, same first pass
