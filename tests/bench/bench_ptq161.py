@@ -77,10 +77,58 @@ CONFIGS: Dict[str, tuple] = {
     "bin": ("PTQ1.61 layout, no training (closed-form α, r1=r2=1)", "ptq161", dict(epochs=0)),
     "bin0": ("plain binarisation, no mask, no training", "ptq161", dict(epochs=0, salient_ratio=0.0)),
     "ptq": ("PTQ1.61 trained (LWC)", "ptq161", dict(lwc=True)),
+    # also reports the first pass alone (the "ptq" row) before the LoRA step
     "ptqlora": ("PTQ1.61 trained (LWC) + LoRA + second PTQ", "ptq161+lora", dict(lwc=True)),
     "rtn2": ("RTN 2-bit g128", "rtn", dict(bits=2, group_size=128)),
     "gptq2": ("GPTQ 2-bit g128", "gptq", dict(bits=2, group_size=128)),
 }
+
+
+def save_and_eval(q, tok, label: str, dt: float, note: str, ppl) -> tuple:
+    import sqllm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = sqllm.save_quantized(q, Path(tmp) / "m", tokenizer=tok)
+        bpw = saved_bits_per_weight(folder)
+        del q
+        t1 = time.perf_counter()
+        p = ppl(sqllm.load_quantized(folder))
+        te = time.perf_counter() - t1
+    print(f"{label}: {bpw:.3f} bits/weight, perplexity {p:.3f}, quantized in {dt:.0f} s "
+          f"({note}); eval {te:.0f} s", flush=True)
+    return (label, bpw, p, dt, note)
+
+
+def run_with_lora(model, tok, calib, opts, args, ppl) -> list:
+    """The first PTQ (its own row), the restorative LoRA, the second PTQ with the first masks."""
+    import sqllm
+    from sqllm.ptq161_lora import restorative_lora, save_masks
+
+    progress = not args.quiet
+    rows = []
+    q1 = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    sqllm.quantize(q1, method="ptq161", calibration=calib, progress=progress, **opts)
+    t_ptq1 = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        masks = save_masks(q1, Path(tmp) / "masks.safetensors")
+        fp = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        restorative_lora(fp, q1, calib[:, :args.lora_seqlen], steps=args.lora_steps,
+                         batch_size=args.lora_batch, progress=progress)
+        t_lora = time.perf_counter() - t0
+        rows.append(save_and_eval(q1, tok, f"PTQ1.61 trained ({args.epochs} epochs"
+                                  f"{', LWC' if opts.get('lwc') else ''})", t_ptq1, "first pass", ppl))
+        del q1
+        t0 = time.perf_counter()
+        sqllm.quantize(fp, method="ptq161", calibration=calib, progress=progress,
+                       **{**opts, "masks": str(masks)})
+        t_ptq2 = time.perf_counter() - t0
+    rows.append(save_and_eval(fp, tok, "PTQ1.61 + restorative LoRA + second PTQ",
+                              t_ptq1 + t_lora + t_ptq2,
+                              f"first PTQ {t_ptq1:.0f} s, LoRA {t_lora:.0f} s "
+                              f"({args.lora_steps} steps), second PTQ {t_ptq2:.0f} s", ppl))
+    return rows
 
 
 def bench_quality(args: argparse.Namespace) -> None:
@@ -109,29 +157,14 @@ def bench_quality(args: argparse.Namespace) -> None:
             opts["epochs"] = args.epochs
         if method.startswith("ptq161"):
             opts["train_samples"] = args.train_samples
+        if method == "ptq161+lora":
+            rows.extend(run_with_lora(model, tok, calib, opts, args, ppl))
+            continue
         q = copy.deepcopy(model)
         t0 = time.perf_counter()
-        note = ""
-        if method == "ptq161+lora":
-            from sqllm.ptq161_lora import ptq161_with_lora
-
-            q, times = ptq161_with_lora(q, tok, calib, ptq_options=opts, lora_steps=args.lora_steps,
-                                        lora_batch=args.lora_batch, lora_seqlen=args.lora_seqlen,
-                                        progress=progress)
-            note = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
-        else:
-            sqllm.quantize(q, method=method, calibration=calib, progress=progress, **opts)
+        sqllm.quantize(q, method=method, calibration=calib, progress=progress, **opts)
         dt = time.perf_counter() - t0
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = sqllm.save_quantized(q, Path(tmp) / "m", tokenizer=tok)
-            bpw = saved_bits_per_weight(folder)
-            del q
-            t1 = time.perf_counter()
-            p = ppl(sqllm.load_quantized(folder))
-            te = time.perf_counter() - t1
-        rows.append((label, bpw, p, dt, note))
-        print(f"{label}: {bpw:.3f} bits/weight, perplexity {p:.3f}, quantized in {dt:.0f} s "
-              f"({note or method}); eval {te:.0f} s", flush=True)
+        rows.append(save_and_eval(q, tok, label, dt, method, ppl))
     print("\n| method | bits/weight (saved files) | perplexity | quantize s | steps |")
     print("|---|---|---|---|---|")
     for label, bpw, p, dt, note in rows:
