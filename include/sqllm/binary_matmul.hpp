@@ -26,8 +26,9 @@
 // group g of 8 unmasked channels the table T_g[v] = sum_k (bit k of v ? +1 : -1)
 // x'_{8g+k} (256 entries) is built once per input row, so a byte of signs is one
 // lookup.  Tables hold 8 batch rows side by side (T_g[v][b]) so a lookup adds a
-// short vector.  fp32 accumulate; OpenMP over output rows, each output summed by
-// one thread in a fixed order (the result does not depend on the thread count).
+// short vector.  fp32 accumulate; OpenMP over batch tiles (16 rows or more) or
+// output rows (smaller batches), each output summed by one thread in a fixed
+// order (the result does not depend on the thread count).
 #pragma once
 
 #include <algorithm>
@@ -169,56 +170,62 @@ namespace detail {
 /// Batch rows per table: a lookup adds TB floats.
 constexpr std::size_t kPtq161Tile = 8;
 
-/// The binary part of y for TB batch rows (rows of xb: the r2-scaled binarised
-/// inputs, n_bin each, zero-padded to a multiple of 8).  Adds into y (batch x out).
+/// Build the sign tables of TB batch rows: xb holds the r2-scaled binarised inputs,
+/// n8 (n_bin rounded up to 8, zero-padded) per row; T[(g*256 + v)*TB + b].
 template <std::size_t TB>
-void ptq161_binary_tile(const Ptq161View& v, const float* xb, std::size_t n_bin, float* tables,
-                        const float* sums, float* y, std::size_t y_stride, int nt) {
-  const std::size_t G = ptq161_sign_bytes(n_bin);
-  const std::size_t n8 = G * 8;
-  const auto Gs = static_cast<std::ptrdiff_t>(G);
-  const auto outs = static_cast<std::ptrdiff_t>(v.out);
-  (void)nt;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (std::ptrdiff_t g = 0; g < Gs; ++g) {
-      float* T = tables + static_cast<std::size_t>(g) * 256 * TB;
-      const std::size_t j0 = static_cast<std::size_t>(g) * 8;
-      for (std::size_t b = 0; b < TB; ++b) {
-        float s = 0.0f;
-        for (std::size_t k = 0; k < 8; ++k) s += xb[b * n8 + j0 + k];
-        T[b] = -s;  // all signs -1
-      }
-      for (unsigned val = 1; val < 256; ++val) {
-        const unsigned low = val & (val - 1);
-        const unsigned k = static_cast<unsigned>(__builtin_ctz(val));
-        float* dst = T + val * TB;
-        const float* src = T + low * TB;
-        for (std::size_t b = 0; b < TB; ++b) dst[b] = src[b] + 2.0f * xb[b * n8 + j0 + k];
-      }
+void ptq161_build_tables(const float* xb, std::size_t n8, float* T) {
+  const std::size_t G = n8 / 8;
+  for (std::size_t g = 0; g < G; ++g) {
+    float* Tg = T + g * 256 * TB;
+    const std::size_t j0 = g * 8;
+    for (std::size_t b = 0; b < TB; ++b) {
+      float s = 0.0f;
+      for (std::size_t k = 0; k < 8; ++k) s += xb[b * n8 + j0 + k];
+      Tg[b] = -s;  // all signs -1
     }
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (std::ptrdiff_t oi = 0; oi < outs; ++oi) {
-      const auto o = static_cast<std::size_t>(oi);
-      const std::uint8_t* sg = v.signs + o * G;
-      float acc[TB];
-      for (std::size_t b = 0; b < TB; ++b) acc[b] = 0.0f;
-      for (std::size_t g = 0; g < G; ++g) {
-        const float* t = tables + (g * 256 + sg[g]) * TB;
+    for (unsigned val = 1; val < 256; ++val) {
+      const unsigned low = val & (val - 1);
+      const unsigned k = static_cast<unsigned>(__builtin_ctz(val));
+      float* dst = Tg + val * TB;
+      const float* src = Tg + low * TB;
+      for (std::size_t b = 0; b < TB; ++b) dst[b] = src[b] + 2.0f * xb[b * n8 + j0 + k];
+    }
+  }
+}
+
+/// Output row o of TB batch rows from the tables: y[b * y_stride + o] += ... (b < nb).
+template <std::size_t TB>
+inline void ptq161_lookup_row(const Ptq161View& v, std::size_t G, const float* T, const float* sums,
+                              std::size_t o, float* y, std::size_t y_stride, std::size_t nb) {
+  const std::uint8_t* sg = v.signs + o * G;
+  float acc[TB];
+  for (std::size_t b = 0; b < TB; ++b) acc[b] = 0.0f;
+  for (std::size_t g = 0; g < G; ++g) {
+    const float* t = T + (g * 256 + sg[g]) * TB;
 #pragma omp simd
-        for (std::size_t b = 0; b < TB; ++b) acc[b] += t[b];
-      }
-      const float a = half_bits_to_float(v.alpha[o]), m = half_bits_to_float(v.mu[o]),
-                  r = half_bits_to_float(v.r1[o]);
-      for (std::size_t b = 0; b < TB; ++b) y[b * y_stride + o] += r * (a * acc[b] + m * sums[b]);
+    for (std::size_t b = 0; b < TB; ++b) acc[b] += t[b];
+  }
+  const float a = half_bits_to_float(v.alpha[o]), m = half_bits_to_float(v.mu[o]),
+              r = half_bits_to_float(v.r1[o]);
+  for (std::size_t b = 0; b < nb; ++b) y[b * y_stride + o] += r * (a * acc[b] + m * sums[b]);
+}
+
+/// Gather rows [b0, b0 + nb) of x into xb (r2-scaled binarised inputs, n8 per row, rows
+/// nb..TB-1 and the padding zero) and their sums.
+inline void ptq161_gather(const float* x, std::size_t in, const std::vector<std::size_t>& bin,
+                          const std::vector<float>& r2, std::size_t b0, std::size_t nb,
+                          std::size_t tb, std::size_t n8, float* xb, float* sums) {
+  std::fill(xb, xb + tb * n8, 0.0f);
+  for (std::size_t b = 0; b < tb; ++b) sums[b] = 0.0f;
+  for (std::size_t b = 0; b < nb; ++b) {
+    const float* xr = x + (b0 + b) * in;
+    float s = 0.0f;
+    for (std::size_t j = 0; j < bin.size(); ++j) {
+      const float xv = r2[j] * xr[bin[j]];
+      xb[b * n8 + j] = xv;
+      s += xv;
     }
+    sums[b] = s;
   }
 }
 
@@ -226,6 +233,11 @@ void ptq161_binary_tile(const Ptq161View& v, const float* xb, std::size_t n_bin,
 
 /// y = x Ŵᵀ (x: batch x in, y: batch x out, row-major fp32).  The view is
 /// validated here unless `checked`.
+///
+/// One OpenMP region per call and no barrier inside it: batches of at least 16
+/// rows split their tiles of 8 rows over the threads (each builds its own
+/// tables and does every output row); smaller batches build the tables of a
+/// tile (8 rows, or 1 row at a time below 8) first and split the output rows.
 inline void ptq161_matmul(const Ptq161View& v, const float* x, std::size_t batch, float* y,
                           int num_threads = 0, bool checked = false) {
   if (!checked) check_ptq161_view(v);
@@ -234,11 +246,12 @@ inline void ptq161_matmul(const Ptq161View& v, const float* x, std::size_t batch
   const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
 #else
   const int nt = 1;
+  (void)num_threads;
 #endif
   std::vector<std::size_t> sal, bin;
   ptq161_channels(v, sal, bin);
   const std::size_t n_sal = sal.size(), n_bin = bin.size();
-  // salient part: gather the salient columns, uniform kernel writes y
+  // salient part: gather the salient columns, the uniform kernel writes y
   if (n_sal > 0) {
     std::vector<float> xs(batch * n_sal);
     for (std::size_t b = 0; b < batch; ++b)
@@ -250,29 +263,72 @@ inline void ptq161_matmul(const Ptq161View& v, const float* x, std::size_t batch
   if (n_bin == 0) return;
   std::vector<float> r2(n_bin);
   for (std::size_t j = 0; j < n_bin; ++j) r2[j] = half_bits_to_float(v.r2[j]);
-  const std::size_t n8 = ptq161_sign_bytes(n_bin) * 8;
-  const std::size_t TB = detail::kPtq161Tile;
-  std::vector<float> xb(TB * n8, 0.0f), sums(TB), tables(ptq161_sign_bytes(n_bin) * 256 * TB);
-  std::size_t b0 = 0;
-  while (b0 < batch) {
-    const std::size_t tb = batch - b0 >= TB ? TB : 1;
-    for (std::size_t b = 0; b < tb; ++b) {
-      const float* xr = x + (b0 + b) * v.in;
-      float s = 0.0f;
-      for (std::size_t j = 0; j < n_bin; ++j) {
-        const float xv = r2[j] * xr[bin[j]];
-        xb[b * n8 + j] = xv;
-        s += xv;
+  const std::size_t G = ptq161_sign_bytes(n_bin), n8 = G * 8;
+  constexpr std::size_t TB = detail::kPtq161Tile;
+  const std::size_t tiles = (batch + TB - 1) / TB;
+  std::exception_ptr error;
+
+  if (batch >= 2 * TB) {
+    // tiles over threads; the last tile may be partial (its padding rows are zero)
+    const auto ntiles = static_cast<std::ptrdiff_t>(tiles);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+    {
+      std::vector<float> xb, T, sums(TB);
+      bool ok = true;
+      try {
+        xb.resize(TB * n8);
+        T.resize(G * 256 * TB);
+      } catch (...) {
+        ok = false;
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+        error = std::current_exception();
       }
-      sums[b] = s;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (std::ptrdiff_t t = 0; t < ntiles; ++t) {
+        if (!ok) continue;
+        const std::size_t b0 = static_cast<std::size_t>(t) * TB;
+        const std::size_t nb = std::min(TB, batch - b0);
+        detail::ptq161_gather(x, v.in, bin, r2, b0, nb, TB, n8, xb.data(), sums.data());
+        detail::ptq161_build_tables<TB>(xb.data(), n8, T.data());
+        for (std::size_t o = 0; o < v.out; ++o)
+          detail::ptq161_lookup_row<TB>(v, G, T.data(), sums.data(), o, y + b0 * v.out, v.out, nb);
+      }
     }
-    if (tb == TB)
-      detail::ptq161_binary_tile<detail::kPtq161Tile>(v, xb.data(), n_bin, tables.data(), sums.data(),
-                                                      y + b0 * v.out, v.out, nt);
-    else
-      detail::ptq161_binary_tile<1>(v, xb.data(), n_bin, tables.data(), sums.data(), y + b0 * v.out,
-                                    v.out, nt);
-    b0 += tb;
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+
+  // small batch: tables once per tile, output rows over threads
+  const std::size_t tb = batch >= TB ? TB : 1;
+  std::vector<float> xb(tb * n8), T(G * 256 * tb), sums(tb);
+  const auto outs = static_cast<std::ptrdiff_t>(v.out);
+  for (std::size_t b0 = 0; b0 < batch; b0 += tb) {
+    const std::size_t nb = std::min(tb, batch - b0);
+    detail::ptq161_gather(x, v.in, bin, r2, b0, nb, tb, n8, xb.data(), sums.data());
+    float* yb = y + b0 * v.out;
+    if (tb == TB) {
+      detail::ptq161_build_tables<TB>(xb.data(), n8, T.data());
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+#endif
+      for (std::ptrdiff_t o = 0; o < outs; ++o)
+        detail::ptq161_lookup_row<TB>(v, G, T.data(), sums.data(), static_cast<std::size_t>(o), yb,
+                                      v.out, nb);
+    } else {
+      detail::ptq161_build_tables<1>(xb.data(), n8, T.data());
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+#endif
+      for (std::ptrdiff_t o = 0; o < outs; ++o)
+        detail::ptq161_lookup_row<1>(v, G, T.data(), sums.data(), static_cast<std::size_t>(o), yb,
+                                     v.out, nb);
+    }
   }
 }
 
