@@ -424,3 +424,20 @@ def test_lora_steps_in_the_cli(tmp_path, tiny_model_dir):
         if isinstance(m, PTQ161QuantLinear):
             assert torch.equal(b.get_submodule(name).mask, m.mask)
             assert torch.equal(c.get_submodule(name).mask, m.mask)  # same data, same first pass
+
+
+def test_activation_statistics_are_saved_and_reused(tmp_path, calib_ids):
+    sd = tmp_path / "stats"
+    a = make_tiny_llama()
+    sqllm.quantize(a, method="ptq161", calibration=calib_ids, progress=False, epochs=0,
+                   stats_dir=sd)
+    files = sorted((sd / "act_stats").glob("*.safetensors"))
+    assert len(files) == 14  # 7 Linears x 2 blocks
+    stamp = {f: f.stat().st_mtime_ns for f in files}
+    b = make_tiny_llama()
+    sqllm.quantize(b, method="ptq161", calibration=calib_ids, progress=False, epochs=0,
+                   stats_dir=sd)
+    assert {f: f.stat().st_mtime_ns for f in files} == stamp  # read, not rewritten
+    for name, m in a.named_modules():
+        if isinstance(m, PTQ161QuantLinear):
+            assert torch.equal(b.get_submodule(name).mask, m.mask)
