@@ -32,6 +32,8 @@ from .nn_uniform import UniformQuantLinear
 from .gptq import GptqResult, gptq_quantize
 from .nn_vq import VQQuantLinear
 from .vptq import vptq_quantize
+from .nn_ptq161 import PTQ161QuantLinear
+from . import ptq161 as _ptq161  # registers the "ptq161" method
 
 __all__ = [
     "CalibrationConfig",

@@ -158,6 +158,10 @@ def _parser(method: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=40)
     _add_common(g)
 
+    from .ptq161_lora import add_parser as _add_ptq161_lora
+
+    _add_ptq161_lora(sub, _add_method_options, _add_common)
+
     i = sub.add_parser("info", help="describe a saved sqllm folder and the kernels available")
     i.add_argument("folder", nargs="?", default=None)
     _add_common(i)
@@ -350,13 +354,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ptq161_lora(args: argparse.Namespace) -> int:
+    from .ptq161_lora import cmd
+
+    return cmd(args, _method_args(args))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(_peek_method(argv)).parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"quantize": _cmd_quantize, "eval": _cmd_eval, "generate": _cmd_generate,
-               "info": _cmd_info, "demo": _cmd_demo}[args.cmd]
+               "info": _cmd_info, "demo": _cmd_demo,
+               "ptq161-lora": _cmd_ptq161_lora}[args.cmd]
     from .distributed import DistributedError, init_from_env
 
     stdout = sys.stdout

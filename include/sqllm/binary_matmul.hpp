@@ -1,0 +1,335 @@
+// sqllm/binary_matmul.hpp -- the PTQ1.61 format (docs/formats.md, "ptq161") and
+// its CPU matmul.
+//
+// A weight W (out x in) is split by a per-input-channel mask:
+//
+// * salient channels (mask bit set, n_sal of them): b-bit codes on per-(row,
+//   group) uniform grids -- exactly the uniform format (quant/uniform.hpp) over
+//   the n_sal salient columns taken in increasing channel order;
+// * the other n_bin = in - n_sal channels: one sign bit each,
+//
+//     Ŵ[o, i_j] = r1[o] * r2[j] * (alpha[o] * s[o, j] + mu[o]),   s = ±1,
+//
+//   i_j the j-th unmasked channel.  alpha, mu, r1 (out) and r2 (n_bin) are fp16.
+//
+// Bit layouts (little-endian bit order inside a byte):
+// * mask: ceil(in/8) bytes, channel i is salient iff bit (i % 8) of byte i / 8
+//   is set; padding bits are zero;
+// * signs: out x ceil(n_bin/8) bytes, s[o, j] = +1 iff bit (j % 8) of byte
+//   j / 8 of row o is set; padding bits are zero.
+//
+// The binary part multiplies without materialising Ŵ: with x'_j = r2[j] x[i_j],
+//
+//   y_bin[o] = r1[o] * (alpha[o] * sum_j s[o, j] x'_j + mu[o] * sum_j x'_j),
+//
+// and sum_j s[o, j] x'_j is a sum of one table entry per byte of signs: per
+// group g of 8 unmasked channels the table T_g[v] = sum_k (bit k of v ? +1 : -1)
+// x'_{8g+k} (256 entries) is built once per input row, so a byte of signs is one
+// lookup.  Tables hold 8 batch rows side by side (T_g[v][b]) so a lookup adds a
+// short vector.  fp32 accumulate; OpenMP over batch tiles (16 rows or more) or
+// output rows (smaller batches), each output summed by one thread in a fixed
+// order (the result does not depend on the thread count).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <vector>
+
+#include "sqllm/error.hpp"
+#include "sqllm/half.hpp"
+#include "sqllm/packing.hpp"
+#include "sqllm/quant/uniform.hpp"
+#include "sqllm/uniform_matmul.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace sqllm {
+
+/// A PTQ1.61 layer's buffers (non-owning).
+struct Ptq161View {
+  std::size_t out = 0;
+  std::size_t in = 0;
+  const std::uint8_t* mask = nullptr;    ///< ceil(in/8)
+  const std::uint8_t* signs = nullptr;   ///< out x ceil(n_bin/8)
+  const std::uint16_t* alpha = nullptr;  ///< out, fp16 bits
+  const std::uint16_t* mu = nullptr;     ///< out, fp16 bits
+  const std::uint16_t* r1 = nullptr;     ///< out, fp16 bits
+  const std::uint16_t* r2 = nullptr;     ///< n_bin, fp16 bits
+  /// The salient part: out x n_sal (sal.in == n_sal); unused when n_sal == 0.
+  UniformView sal;
+
+  std::size_t mask_bytes() const { return (in + 7) / 8; }
+  std::size_t n_sal() const {
+    std::size_t n = 0;
+    for (std::size_t i = 0; i < in; ++i) n += is_salient(i) ? 1 : 0;
+    return n;
+  }
+  bool is_salient(std::size_t i) const { return (mask[i >> 3] >> (i & 7)) & 1u; }
+};
+
+inline std::size_t ptq161_sign_bytes(std::size_t n_bin) { return (n_bin + 7) / 8; }
+
+/// Salient and binary channel indices, each in increasing order.
+inline void ptq161_channels(const Ptq161View& v, std::vector<std::size_t>& sal,
+                            std::vector<std::size_t>& bin) {
+  sal.clear();
+  bin.clear();
+  for (std::size_t i = 0; i < v.in; ++i) (v.is_salient(i) ? sal : bin).push_back(i);
+}
+
+namespace detail {
+inline bool finite_half(std::uint16_t h) { return (h & 0x7C00u) != 0x7C00u; }
+}  // namespace detail
+
+/// Validate a view: shapes are the caller's (bindings); here the mask/sign
+/// padding bits, finite fp16 factors, and the salient uniform view.
+inline void check_ptq161_view(const Ptq161View& v) {
+  SQLLM_CHECK(v.in > 0 && v.out > 0, "ptq161 layer: in_features and out_features must be > 0, got in=",
+              v.in, ", out=", v.out);
+  SQLLM_CHECK(v.mask && v.alpha && v.mu && v.r1, "ptq161 layer: mask, alpha, mu and r1 are required");
+  if (v.in % 8) {
+    const unsigned pad = static_cast<unsigned>(v.mask[v.mask_bytes() - 1]) >> (v.in % 8);
+    SQLLM_CHECK(pad == 0, "ptq161 layer: mask has bits set past in_features=", v.in);
+  }
+  const std::size_t n_sal = v.n_sal();
+  const std::size_t n_bin = v.in - n_sal;
+  SQLLM_CHECK(n_sal == 0 || v.sal.in == n_sal, "ptq161 layer: the mask marks ", n_sal,
+              " salient channels but the salient codes cover ", v.sal.in);
+  if (n_bin > 0) {
+    SQLLM_CHECK(v.signs && v.r2, "ptq161 layer: signs and r2 are required when channels are binarised");
+    const std::size_t sb = ptq161_sign_bytes(n_bin);
+    if (n_bin % 8) {
+      for (std::size_t o = 0; o < v.out; ++o) {
+        const unsigned pad = static_cast<unsigned>(v.signs[o * sb + sb - 1]) >> (n_bin % 8);
+        SQLLM_CHECK(pad == 0, "ptq161 layer: signs row ", o, " has bits set past its ", n_bin,
+                    " binarised channels");
+      }
+    }
+    for (std::size_t j = 0; j < n_bin; ++j)
+      SQLLM_CHECK(detail::finite_half(v.r2[j]), "ptq161 layer: r2[", j, "] is not finite");
+  }
+  for (std::size_t o = 0; o < v.out; ++o) {
+    SQLLM_CHECK(detail::finite_half(v.alpha[o]) && detail::finite_half(v.mu[o]) &&
+                    detail::finite_half(v.r1[o]),
+                "ptq161 layer: alpha, mu or r1 of row ", o, " is not finite");
+  }
+  if (n_sal > 0) {
+    SQLLM_CHECK(v.sal.out == v.out, "ptq161 layer: salient codes have ", v.sal.out,
+                " rows, expected out_features=", v.out);
+    SQLLM_CHECK(v.sal.g_idx == nullptr, "ptq161 layer: the salient part has no g_idx");
+    check_uniform_view(v.sal);
+  }
+}
+
+/// Ŵ (out x in, row-major fp32).  A plain loop per weight: the reference.
+inline void ptq161_dequantize(const Ptq161View& v, float* w) {
+  std::vector<std::size_t> sal, bin;
+  ptq161_channels(v, sal, bin);
+  const std::size_t sb = ptq161_sign_bytes(bin.size());
+  const std::size_t words = sal.empty() ? 0 : packed_words(sal.size(), v.sal.bits);
+  const std::size_t G = sal.empty() ? 0 : v.sal.groups();
+  for (std::size_t o = 0; o < v.out; ++o) {
+    const float a = half_bits_to_float(v.alpha[o]), m = half_bits_to_float(v.mu[o]),
+                r = half_bits_to_float(v.r1[o]);
+    for (std::size_t j = 0; j < bin.size(); ++j) {
+      const bool plus = (v.signs[o * sb + (j >> 3)] >> (j & 7)) & 1u;
+      w[o * v.in + bin[j]] = r * half_bits_to_float(v.r2[j]) * ((plus ? a : -a) + m);
+    }
+    for (std::size_t k = 0; k < sal.size(); ++k) {
+      const std::size_t g = v.sal.group_size < 0 ? 0 : k / static_cast<std::size_t>(v.sal.group_size);
+      const float s = half_bits_to_float(v.sal.scales[o * G + g]);
+      const float z = half_bits_to_float(v.sal.zeros[o * G + g]);
+      const auto q = static_cast<float>(get_code(v.sal.qweight + o * words, k, v.sal.bits));
+      w[o * v.in + sal[k]] = s * (q - z);
+    }
+  }
+}
+
+/// y = x Ŵᵀ by the plain definition (Ŵ decoded, dot products in double): the
+/// scalar reference of the kernel.
+inline void ptq161_matmul_reference(const Ptq161View& v, const float* x, std::size_t batch,
+                                    float* y) {
+  std::vector<float> w(v.out * v.in);
+  ptq161_dequantize(v, w.data());
+  for (std::size_t b = 0; b < batch; ++b)
+    for (std::size_t o = 0; o < v.out; ++o) {
+      double acc = 0.0;
+      for (std::size_t i = 0; i < v.in; ++i)
+        acc += static_cast<double>(w[o * v.in + i]) * static_cast<double>(x[b * v.in + i]);
+      y[b * v.out + o] = static_cast<float>(acc);
+    }
+}
+
+namespace detail {
+
+/// Batch rows per table: a lookup adds TB floats.
+constexpr std::size_t kPtq161Tile = 8;
+
+/// Build the sign tables of TB batch rows: xb holds the r2-scaled binarised inputs,
+/// n8 (n_bin rounded up to 8, zero-padded) per row; T[(g*256 + v)*TB + b].
+template <std::size_t TB>
+void ptq161_build_tables(const float* xb, std::size_t n8, float* T) {
+  const std::size_t G = n8 / 8;
+  for (std::size_t g = 0; g < G; ++g) {
+    float* Tg = T + g * 256 * TB;
+    const std::size_t j0 = g * 8;
+    for (std::size_t b = 0; b < TB; ++b) {
+      float s = 0.0f;
+      for (std::size_t k = 0; k < 8; ++k) s += xb[b * n8 + j0 + k];
+      Tg[b] = -s;  // all signs -1
+    }
+    for (unsigned val = 1; val < 256; ++val) {
+      const unsigned low = val & (val - 1);
+      const unsigned k = static_cast<unsigned>(__builtin_ctz(val));
+      float* dst = Tg + val * TB;
+      const float* src = Tg + low * TB;
+      for (std::size_t b = 0; b < TB; ++b) dst[b] = src[b] + 2.0f * xb[b * n8 + j0 + k];
+    }
+  }
+}
+
+/// Output row o of TB batch rows from the tables: y[b * y_stride + o] += ... (b < nb).
+template <std::size_t TB>
+inline void ptq161_lookup_row(const Ptq161View& v, std::size_t G, const float* T, const float* sums,
+                              std::size_t o, float* y, std::size_t y_stride, std::size_t nb) {
+  const std::uint8_t* sg = v.signs + o * G;
+  float acc[TB];
+  for (std::size_t b = 0; b < TB; ++b) acc[b] = 0.0f;
+  for (std::size_t g = 0; g < G; ++g) {
+    const float* t = T + (g * 256 + sg[g]) * TB;
+#pragma omp simd
+    for (std::size_t b = 0; b < TB; ++b) acc[b] += t[b];
+  }
+  const float a = half_bits_to_float(v.alpha[o]), m = half_bits_to_float(v.mu[o]),
+              r = half_bits_to_float(v.r1[o]);
+  for (std::size_t b = 0; b < nb; ++b) y[b * y_stride + o] += r * (a * acc[b] + m * sums[b]);
+}
+
+/// Gather rows [b0, b0 + nb) of x into xb (r2-scaled binarised inputs, n8 per row, rows
+/// nb..TB-1 and the padding zero) and their sums.
+inline void ptq161_gather(const float* x, std::size_t in, const std::vector<std::size_t>& bin,
+                          const std::vector<float>& r2, std::size_t b0, std::size_t nb,
+                          std::size_t tb, std::size_t n8, float* xb, float* sums) {
+  std::fill(xb, xb + tb * n8, 0.0f);
+  for (std::size_t b = 0; b < tb; ++b) sums[b] = 0.0f;
+  for (std::size_t b = 0; b < nb; ++b) {
+    const float* xr = x + (b0 + b) * in;
+    float s = 0.0f;
+    for (std::size_t j = 0; j < bin.size(); ++j) {
+      const float xv = r2[j] * xr[bin[j]];
+      xb[b * n8 + j] = xv;
+      s += xv;
+    }
+    sums[b] = s;
+  }
+}
+
+}  // namespace detail
+
+/// y = x Ŵᵀ (x: batch x in, y: batch x out, row-major fp32).  The view is
+/// validated here unless `checked`.
+///
+/// One OpenMP region per call and no barrier inside it: batches of at least 16
+/// rows split their tiles of 8 rows over the threads (each builds its own
+/// tables and does every output row); smaller batches build the tables of a
+/// tile (8 rows, or 1 row at a time below 8) first and split the output rows.
+inline void ptq161_matmul(const Ptq161View& v, const float* x, std::size_t batch, float* y,
+                          int num_threads = 0, bool checked = false) {
+  if (!checked) check_ptq161_view(v);
+  if (batch == 0) return;
+#ifdef _OPENMP
+  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  const int nt = 1;
+  (void)num_threads;
+#endif
+  std::vector<std::size_t> sal, bin;
+  ptq161_channels(v, sal, bin);
+  const std::size_t n_sal = sal.size(), n_bin = bin.size();
+  // salient part: gather the salient columns, the uniform kernel writes y
+  if (n_sal > 0) {
+    std::vector<float> xs(batch * n_sal);
+    for (std::size_t b = 0; b < batch; ++b)
+      for (std::size_t k = 0; k < n_sal; ++k) xs[b * n_sal + k] = x[b * v.in + sal[k]];
+    uniform_matmul(v.sal, xs.data(), batch, y, num_threads, /*checked=*/true);
+  } else {
+    std::fill(y, y + batch * v.out, 0.0f);
+  }
+  if (n_bin == 0) return;
+  std::vector<float> r2(n_bin);
+  for (std::size_t j = 0; j < n_bin; ++j) r2[j] = half_bits_to_float(v.r2[j]);
+  const std::size_t G = ptq161_sign_bytes(n_bin), n8 = G * 8;
+  constexpr std::size_t TB = detail::kPtq161Tile;
+  const std::size_t tiles = (batch + TB - 1) / TB;
+  std::exception_ptr error;
+
+  if (batch >= 2 * TB) {
+    // tiles over threads; the last tile may be partial (its padding rows are zero)
+    const auto ntiles = static_cast<std::ptrdiff_t>(tiles);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+    {
+      std::vector<float> xb, T, sums(TB);
+      bool ok = true;
+      try {
+        xb.resize(TB * n8);
+        T.resize(G * 256 * TB);
+      } catch (...) {
+        ok = false;
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+        error = std::current_exception();
+      }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (std::ptrdiff_t t = 0; t < ntiles; ++t) {
+        if (!ok) continue;
+        const std::size_t b0 = static_cast<std::size_t>(t) * TB;
+        const std::size_t nb = std::min(TB, batch - b0);
+        detail::ptq161_gather(x, v.in, bin, r2, b0, nb, TB, n8, xb.data(), sums.data());
+        detail::ptq161_build_tables<TB>(xb.data(), n8, T.data());
+        for (std::size_t o = 0; o < v.out; ++o)
+          detail::ptq161_lookup_row<TB>(v, G, T.data(), sums.data(), o, y + b0 * v.out, v.out, nb);
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+
+  // small batch: tables once per tile, output rows over threads
+  const std::size_t tb = batch >= TB ? TB : 1;
+  std::vector<float> xb(tb * n8), T(G * 256 * tb), sums(tb);
+  const auto outs = static_cast<std::ptrdiff_t>(v.out);
+  for (std::size_t b0 = 0; b0 < batch; b0 += tb) {
+    const std::size_t nb = std::min(tb, batch - b0);
+    detail::ptq161_gather(x, v.in, bin, r2, b0, nb, tb, n8, xb.data(), sums.data());
+    float* yb = y + b0 * v.out;
+    if (tb == TB) {
+      detail::ptq161_build_tables<TB>(xb.data(), n8, T.data());
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+#endif
+      for (std::ptrdiff_t o = 0; o < outs; ++o)
+        detail::ptq161_lookup_row<TB>(v, G, T.data(), sums.data(), static_cast<std::size_t>(o), yb,
+                                      v.out, nb);
+    } else {
+      detail::ptq161_build_tables<1>(xb.data(), n8, T.data());
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+#endif
+      for (std::ptrdiff_t o = 0; o < outs; ++o)
+        detail::ptq161_lookup_row<1>(v, G, T.data(), sums.data(), static_cast<std::size_t>(o), yb,
+                                     v.out, nb);
+    }
+  }
+}
+
+}  // namespace sqllm
