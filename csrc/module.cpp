@@ -28,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
   sqllm::bind::init_gptq(m);
   sqllm::bind::init_vq(m);
   sqllm::bind::init_cuda(m);
+  sqllm::bind::init_vq_cuda(m);
 }

@@ -89,7 +89,7 @@ def random_vq_layer(out, inn, v, k, k_res):
     return layer
 
 
-def bench_kernel(threads, quick):
+def bench_kernel(threads, quick, batches=(1, 8)):
     torch.set_num_threads(threads)
     shapes = [(576, 1536), (2048, 2048), (4096, 4096)]
     if quick:
@@ -102,7 +102,7 @@ def bench_kernel(threads, quick):
         for v, k, kr in configs:
             layer = random_vq_layer(out, inn, v, k, kr)
             W = layer.dequantize()
-            for n in (1, 8):
+            for n in batches:
                 x = torch.randn(n, inn)
                 layer(x)  # warm the caches (fp32 codebooks)
                 reps = 30 if out * inn < 2**22 else 10
@@ -119,11 +119,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["kmeans", "kernel"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8],
+                    help="batch sizes of the kernel table (above 16 rows the layer takes the "
+                         "tiled dequantize + GEMM path)")
     a = ap.parse_args()
     if a.only != "kernel":
         bench_kmeans(a.threads, a.quick)
     if a.only != "kmeans":
-        bench_kernel(a.threads, a.quick)
+        bench_kernel(a.threads, a.quick, a.batches)
 
 
 if __name__ == "__main__":

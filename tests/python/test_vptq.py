@@ -541,3 +541,70 @@ def test_saved_folder_reads_in_upstream_layout(tmp_path, calib_ids):
     # saving over it is allowed (it is an sqllm folder) and stays in upstream's layout
     sqllm.save_quantized(loaded, folder)
     assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "vptq"
+
+
+# -- the CPU GEMM path (large batches) -----------------------------------------------
+
+def random_layer(in_f, out_f, v, k, kr, groups=1, outliers=0, vo=0, ko=0, perm=True, norm=True,
+                 seed=0):
+    """A VQ layer with random slots, codebooks, perm, norm and bias (no quantizer involved)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = VQQuantLinear(in_f, out_f, v, k, kr, groups, -1, outliers, vo, ko, perm, norm,
+                          bias=True)
+    B = layer.index_bits
+    idx = torch.randint(0, 2 ** 31 - 1, layer.indices.shape, generator=g, dtype=torch.int64)
+    layer.indices.copy_(idx.to(torch.int32))
+    if (layer.group_size * B) % 32:  # tail bits past the last slot: zero, as upstream writes
+        layer.indices[..., -1] &= (1 << ((layer.group_size * B) % 32)) - 1
+    layer.centroids.weight.copy_(torch.randn(layer.centroids.weight.shape, generator=g))
+    if kr:
+        layer.res_centroids.weight.copy_(0.1 * torch.randn(layer.res_centroids.weight.shape, generator=g))
+    if outliers:
+        layer.outlier_indices.copy_(torch.randint(0, ko, layer.outlier_indices.shape, generator=g))
+        layer.outlier_centroids.weight.copy_(3 * torch.randn(layer.outlier_centroids.weight.shape,
+                                                             generator=g))
+    if perm:
+        layer.perm.copy_(torch.randperm(in_f, generator=g).to(torch.int16))
+    if norm:
+        layer.weight_scale.copy_(0.05 + 0.25 * torch.rand(in_f, generator=g))
+        layer.weight_bias.copy_(0.05 * torch.randn(in_f, generator=g))
+    layer.bias.copy_(torch.randn(out_f, generator=g))
+    layer.validate()
+    return layer
+
+
+def reference(layer):
+    """(W64, |W'| s + |t| per element) in float64 from the documented decode."""
+    from sqllm.config import LayerFormat
+    from sqllm.vptq import upstream_layer_entry
+
+    cfg = upstream_layer_entry(LayerFormat.from_layer(layer))
+    t = {k: v.cpu() for k, v in layer.state_dict().items()}
+    W = upstream_decode(t, cfg)
+    if not layer.enable_norm:
+        return W, np.abs(W)
+    s = t["weight_scale"].double().numpy()
+    b = t["weight_bias"].double().numpy()
+    Wn = upstream_decode(t, {**cfg, "enable_norm": False})
+    return W, np.abs(Wn) * np.abs(s) + np.abs(b)
+
+
+@pytest.mark.parametrize("batch", [1, 17, 40])
+def test_cpu_gemm_path_equals_float64(batch):
+    from sqllm.nn_vq import GATHER_MAX_BATCH
+
+    layer = random_layer(300, 77, 6, 256, 16, groups=2, outliers=7, vo=3, ko=5, seed=batch)
+    W, mag = reference(layer)
+    x = torch.randn(batch, 300, generator=torch.Generator().manual_seed(2))
+    xd = x.double().numpy()
+    ref = xd @ W.T
+    U = 2.0 ** -24
+    gam = 310 * U / (1 - 310 * U)
+    bound = gam * (np.abs(xd) @ mag.T)
+    y = _C.vq_matmul(x.numpy(), *layer._operands(), 0, True, True)
+    assert np.all(np.abs(y - ref) <= bound), float(np.max(np.abs(y - ref) / bound))
+    # forward takes this path above GATHER_MAX_BATCH rows (and the gather one below)
+    got = (layer(x) - layer.bias).double().numpy()
+    assert np.all(np.abs(got - ref) <= 2 * bound + 1e-6)
+    if batch > GATHER_MAX_BATCH:
+        assert np.array_equal(layer(x).numpy(), (torch.from_numpy(y) + layer.bias).numpy())
