@@ -608,3 +608,23 @@ def test_cpu_gemm_path_equals_float64(batch):
     assert np.all(np.abs(got - ref) <= 2 * bound + 1e-6)
     if batch > GATHER_MAX_BATCH:
         assert np.array_equal(layer(x).numpy(), (torch.from_numpy(y) + layer.bias).numpy())
+
+
+def test_cli_quantize_streams_with_upstream_hessians(tmp_path, tiny_model_dir, calib_ids):
+    """`sqllm quantize --method vptq --hessian-path DIR` on a folder (streamed, block by block):
+    no calibration pass, every layer's Hessian read from the files."""
+    from sqllm.cli import main
+
+    model_dir, _ = tiny_model_dir
+    second = _write_upstream_hessians(tmp_path / "hess", make_tiny_llama(), calib_ids)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(model_dir), "--method", "vptq", "--hessian-path",
+                 str(tmp_path / "hess"), "--vector-lens", "4", "--num-centroids", "16",
+                 "--kiter", "3", "--quiet", "--out", str(out)]) == 0
+    q = sqllm.load_quantized(out)
+    lin = make_tiny_llama().model.layers[1].mlp.down_proj
+    ref = sqllm.vptq_quantize(lin.weight, torch.from_numpy(second["1_down"]), v=4, k=16, kiter=3,
+                              enable_norm=True).dequantize()
+    assert torch.equal(q.model.layers[1].mlp.down_proj.dequantize(), ref)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "vptq" and cfg["options"]["hessian_path"] == str(tmp_path / "hess")
