@@ -281,7 +281,7 @@ void init_vq(py::module_& m) {
          std::size_t k_out, const std::optional<carray<std::uint16_t>>& outlier_indices,
          const std::optional<carray<float>>& outlier_centroids,
          const std::optional<carray<std::int32_t>>& perm, const std::optional<carray<float>>& scale,
-         const std::optional<carray<float>>& bias, int num_threads, bool validate) {
+         const std::optional<carray<float>>& bias, int num_threads, bool validate, bool gemm) {
         check_ndim(x, 2, "x");
         SQLLM_CHECK(static_cast<std::size_t>(x.shape(1)) == in, "x must have in_features=", in,
                     " columns, got ", x.shape(1));
@@ -292,7 +292,11 @@ void init_vq(py::module_& m) {
         carray<float> y({N, out});
         {
           py::gil_scoped_release nogil;
-          vq_matmul(q, x.data(), N, y.mutable_data(), num_threads);
+          if (gemm) {
+            vq_matmul_gemm(q, x.data(), N, y.mutable_data(), num_threads);
+          } else {
+            vq_matmul(q, x.data(), N, y.mutable_data(), num_threads);
+          }
         }
         return y;
       },
@@ -301,7 +305,10 @@ void init_vq(py::module_& m) {
       py::arg("centroids"), py::arg("res_centroids"), py::arg("outlier_size"), py::arg("v_out"),
       py::arg("k_out"), py::arg("outlier_indices"), py::arg("outlier_centroids"), py::arg("perm"),
       py::arg("scale"), py::arg("bias"), py::arg("num_threads") = 0, py::arg("validate") = true,
-      "y = x W^T for a VQ layer, gathering codebook vectors (W never materialised).");
+      py::arg("gemm") = false,
+      "y = x W^T for a VQ layer: gemm=False gathers codebook vectors (small batches), gemm=True\n"
+      "decodes tiles of W and multiplies them by Eigen's GEMM (large batches); W is never\n"
+      "materialised whole.");
 }
 
 }  // namespace bind

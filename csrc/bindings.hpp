@@ -20,6 +20,7 @@ void init_gptq(py::module_& m);
 void init_vq(py::module_& m);     // vector k-means, VPTQ, the VQ format   // uniform format, GPTQ, 1..32-bit packing
 void init_ptq161(py::module_& m);  // the PTQ1.61 format's matmul/dequantize
 void init_cuda(py::module_& m);  // always defined; reports has_cuda() == False without nvcc
+void init_vq_cuda(py::module_& m);  // the CUDA VQ kernels (registers nothing without CUDA)
 
 /// A C-contiguous array of T, converting (copying) only when needed.  Raises
 /// TypeError naming `arg` if the input cannot be converted.

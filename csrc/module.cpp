@@ -29,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
   sqllm::bind::init_vq(m);
   sqllm::bind::init_ptq161(m);
   sqllm::bind::init_cuda(m);
+  sqllm::bind::init_vq_cuda(m);
 }

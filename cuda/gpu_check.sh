@@ -14,6 +14,8 @@
 #   e2e       python tests/bench/bench_generate.py: greedy-generation tokens/s,
 #             quantized (3 and 4 bits) vs fp16, for a random LLaMA with 7B
 #             widths (8 layers) and for SmolLM2-135M.
+#   vq        the VQ (VPTQ) kernels: pytest tests/python/test_vptq_cuda.py, then
+#             python tests/bench/bench_cuda.py --vq [bench options] (run after build).
 #   all       build, test, sanitize, bench, e2e (the default).
 #
 # Logs go to $OUT when it is set (the device tool's result folder), else $BUILD.
@@ -101,12 +103,22 @@ do_e2e() {
   return $rc
 }
 
+do_vq() {
+  local rc=0
+  (cd "$ROOT/tests" && PYTHONPATH="$ROOT/python" $PY -m pytest -q -c "$ROOT/pyproject.toml" \
+    -p no:cacheprovider python/test_vptq_cuda.py 2>&1 | tee "$LOGDIR/test_vq_cuda.log") || rc=$?
+  PYTHONPATH="$ROOT/python" $PY "$ROOT/tests/bench/bench_cuda.py" --vq "$@" 2>&1 |
+    tee "$LOGDIR/bench_vq.md" || rc=$?
+  return $rc
+}
+
 case "$step" in
   build) do_build || status=$? ;;
   test) do_test || status=$? ;;
   sanitize) do_sanitize || status=$? ;;
   bench) do_bench "$@" || status=$? ;;
   e2e) do_e2e "$@" || status=$? ;;
+  vq) do_vq "$@" || status=$? ;;
   all)
     do_build || exit $?
     do_test || status=$?
@@ -115,7 +127,7 @@ case "$step" in
     do_e2e || status=$?
     ;;
   *)
-    echo "usage: bash cuda/gpu_check.sh [all|build|test|sanitize|bench|e2e] [options]" >&2
+    echo "usage: bash cuda/gpu_check.sh [all|build|test|sanitize|bench|e2e|vq] [options]" >&2
     exit 2
     ;;
 esac

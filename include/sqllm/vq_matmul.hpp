@@ -22,6 +22,11 @@
 // slots, gathers the v-float centroid (+ residual) and accumulates it times
 // x~[j] for each batch row.  Work per vector row is independent (OpenMP over
 // vector rows; results identical for any thread count).
+//
+// Matmul (large batches, vq_matmul_gemm): tiles of kVqGemmTileRows vector rows of
+// W' are decoded (position order, before perm/norm) into a thread-local buffer
+// and multiplied with all of x~ through Eigen's GEMM, so the arithmetic runs at
+// BLAS speed while W is never materialised whole; beta is added as above.
 #pragma once
 
 #include <algorithm>
@@ -29,6 +34,8 @@
 #include <cstdint>
 #include <exception>
 #include <vector>
+
+#include <Eigen/Core>
 
 #include "sqllm/error.hpp"
 #include "sqllm/packing.hpp"
@@ -369,6 +376,88 @@ inline void vq_matmul(const VqView& q, const float* x, std::size_t N, float* y, 
   if (q.bias)
     for (std::size_t b = 0; b < N; ++b)
       for (std::size_t o = 0; o < q.out; ++o) y[b * q.out + o] += beta[b];
+  (void)nt;
+}
+
+/// Vector rows per tile of the GEMM path (a tile is rows*v x in floats).
+constexpr std::size_t kVqGemmTileRows = 16;
+
+/// The x~ = x[:, perm] * scale (position order) and beta = x . bias of vq_matmul.
+inline void vq_transform_x(const VqView& q, const float* x, std::size_t N, std::vector<float>& xt,
+                           std::vector<float>& beta) {
+  xt.assign(N * q.in, 0.0f);
+  beta.assign(N, 0.0f);
+  for (std::size_t b = 0; b < N; ++b) {
+    double bs = 0.0;
+    for (std::size_t j = 0; j < q.in; ++j) {
+      const std::size_t c = q.perm ? static_cast<std::size_t>(q.perm[j]) : j;
+      xt[b * q.in + j] = q.scale ? x[b * q.in + c] * q.scale[c] : x[b * q.in + c];
+      if (q.bias) bs += static_cast<double>(x[b * q.in + j]) * static_cast<double>(q.bias[j]);
+    }
+    beta[b] = static_cast<float>(bs);
+  }
+}
+
+/// y (N x out) = x (N x in) W^T, fp32, for large batches: tiles of W' decoded and
+/// multiplied by Eigen's GEMM (W is never materialised whole).  Any batch works;
+/// below ~16 rows vq_matmul (no decode) is faster.
+inline void vq_matmul_gemm(const VqView& q, const float* x, std::size_t N, float* y, int num_threads = 0) {
+  if (N == 0) return;
+  using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  std::vector<float> xt, beta;
+  vq_transform_x(q, x, N, xt, beta);
+  const std::size_t V = static_cast<std::size_t>(q.v);
+  const std::size_t TR = kVqGemmTileRows, TO = TR * V;
+  const std::size_t rows = q.rows_main();
+  const std::ptrdiff_t ntiles = static_cast<std::ptrdiff_t>((rows + TR - 1) / TR);
+  const Eigen::Map<const RowMat> X(xt.data(), static_cast<Eigen::Index>(N), static_cast<Eigen::Index>(q.in));
+  const int nt = detail::vq_threads(num_threads);
+  std::exception_ptr error;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    RowMat tile(static_cast<Eigen::Index>(TO), static_cast<Eigen::Index>(q.in));
+    std::vector<float> buf;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (std::ptrdiff_t t = 0; t < ntiles; ++t) {
+      try {
+        const std::size_t r0 = static_cast<std::size_t>(t) * TR;
+        const std::size_t o0 = r0 * V;
+        const std::size_t nr = std::min(TO, q.out - o0);  // output rows of this tile
+        float* T = tile.data();
+        for (std::size_t r = r0; r < std::min(rows, r0 + TR); ++r) {
+          detail::vq_for_each_row(q, r, false, buf, [&](std::size_t j, const float* vec) {
+            for (std::size_t e = 0; e < V && r * V + e < q.out; ++e) T[(r * V + e - o0) * q.in + j] = vec[e];
+          });
+        }
+        if (q.outlier_size > 0) {
+          const std::size_t vo = static_cast<std::size_t>(q.v_out);
+          for (std::size_t o = o0; o < o0 + nr; ++o) {
+            const std::uint16_t* oi = q.outlier_indices + (o / vo) * q.outlier_size;
+            for (std::size_t j = 0; j < q.outlier_size; ++j)
+              T[(o - o0) * q.in + j] = q.outlier_centroids[static_cast<std::size_t>(oi[j]) * vo + o % vo];
+          }
+        }
+        Eigen::Map<RowMat, 0, Eigen::OuterStride<>> Y(y + o0, static_cast<Eigen::Index>(N),
+                                                     static_cast<Eigen::Index>(nr),
+                                                     Eigen::OuterStride<>(static_cast<Eigen::Index>(q.out)));
+        Y.noalias() = X * tile.topRows(static_cast<Eigen::Index>(nr)).transpose();
+        if (q.bias) {
+          for (std::size_t b = 0; b < N; ++b)
+            for (std::size_t o = o0; o < o0 + nr; ++o) y[b * q.out + o] += beta[b];
+        }
+      } catch (...) {
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+        error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
   (void)nt;
 }
 

@@ -69,6 +69,7 @@ def save_quantized(model: nn.Module, path: PathLike, tokenizer: Any = None,
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _write_upstream_keys(tmp)
         _check_saved(tmp)
         _replace_folder(tmp, target)
     except BaseException:
@@ -84,7 +85,7 @@ def is_sqllm_folder(path: PathLike) -> bool:
         cfg = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    q = _sqllm_view(cfg.get("quantization_config") if isinstance(cfg, dict) else None)
     return isinstance(q, dict) and q.get("quant_method") == "sqllm"
 
 
@@ -338,6 +339,7 @@ class ShardWriter:
                 gen.save_pretrained(self.tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(self.tmp)
+            _write_upstream_keys(self.tmp)
             _check_saved(self.tmp)
             _replace_folder(self.tmp, self.target)
         except BaseException:
@@ -350,11 +352,32 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _sqllm_view(q: Any) -> Any:
+    from .vptq import sqllm_view
+
+    return sqllm_view(q)
+
+
+def _write_upstream_keys(folder: Path) -> None:
+    """An all-``vq`` model's config.json also in upstream VPTQ's layout (sqllm.vptq)."""
+    from .vptq import add_upstream_keys
+
+    f = folder / "config.json"
+    cfg = json.loads(f.read_text())
+    q = cfg.get("quantization_config")
+    if isinstance(q, dict) and q.get("quant_method") == "sqllm":
+        new = add_upstream_keys(q)
+        if new is not q:
+            cfg["quantization_config"] = new
+            f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def _check_saved(folder: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("quantization_config", {}).get("quant_method") != "sqllm":
+    q = _sqllm_view(cfg.get("quantization_config", {}))
+    if q.get("quant_method") != "sqllm":
         raise RuntimeError("config.json was written without the quantization_config")
-    QuantizationConfig.from_dict(cfg["quantization_config"])
+    QuantizationConfig.from_dict(q)
 
 
 def read_quantization_config(path: PathLike) -> QuantizationConfig:
@@ -373,7 +396,7 @@ def read_quantization_config(path: PathLike) -> QuantizationConfig:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
-    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    q = _sqllm_view(cfg.get("quantization_config") if isinstance(cfg, dict) else None)
     if isinstance(q, dict) and q.get("quant_method") == "vptq":
         from .vptq import upstream_config
 

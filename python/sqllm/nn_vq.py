@@ -28,8 +28,8 @@ __all__ = ["VQQuantLinear"]
 
 log = logging.getLogger(__name__)
 
-#: Batches of at most this many rows use the gather kernel; larger ones
-#: dequantize once and call F.linear (GEMM throughput wins there).
+#: Batches of at most this many rows use the gather kernel; larger ones the tiled
+#: dequantize + GEMM path of the same C++ module (GEMM throughput wins there).
 GATHER_MAX_BATCH = 16
 
 
@@ -307,7 +307,11 @@ class VQQuantLinear(QuantLinearBase):
         return torch.from_numpy(w).to(self.indices.device)
 
     def backend(self, device: torch.device) -> str:
-        return "cuda-dequantize" if device.type == "cuda" else "cpu"
+        if device.type != "cuda":
+            return "cpu"
+        from . import kernels_cuda_vq
+
+        return "cuda" if kernels_cuda_vq.available() else "cuda-dequantize (no CUDA VQ kernels built)"
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device != self.indices.device:
@@ -315,6 +319,23 @@ class VQQuantLinear(QuantLinearBase):
                              f"{self.indices.device}")
         if not self._checked:
             self.validate()
+        if x2.device.type == "cuda":
+            from . import kernels_cuda_vq
+
+            if kernels_cuda_vq.available():
+                if x2.shape[0] <= kernels_cuda_vq.GEMV_MAX_BATCH:
+                    # fp32 in and out: the bias is added and the result rounded once by forward()
+                    return kernels_cuda_vq.vq_matmul(x2.to(torch.float32), self)
+                dt = x2.dtype
+                key = tuple((id(b), b._version) if b is not None else None
+                            for b in self._buffer_list()) + (str(x2.device), dt)
+                hit = self._cache.get("cuda_dense")
+                if hit is not None and hit[0] == key:
+                    w = hit[1]
+                else:  # decoded on the GPU once per device, dtype and buffer version
+                    w = kernels_cuda_vq.vq_dequantize(self, dt, x2.device)
+                    self._cache["cuda_dense"] = (key, w)
+                return torch.nn.functional.linear(x2, w)
         if x2.device.type != "cpu":
             if not self._warned_fallback:
                 log.info("VQQuantLinear(%dx%d): no %s kernel for the vq format; dequantizing and "
@@ -329,9 +350,8 @@ class VQQuantLinear(QuantLinearBase):
                 self._cache["dense"] = (key, w)
             return torch.nn.functional.linear(x2.to(torch.float32), w)
         xf = x2.detach().to(torch.float32).contiguous()
-        if xf.shape[0] > GATHER_MAX_BATCH:
-            return torch.nn.functional.linear(xf, self.dequantize())
-        y = _C.vq_matmul(xf.numpy(), *self._operands(), 0, False)
+        # Small batches gather codebook vectors; larger ones decode tiles of W and use a GEMM.
+        y = _C.vq_matmul(xf.numpy(), *self._operands(), 0, False, xf.shape[0] > GATHER_MAX_BATCH)
         return torch.from_numpy(y)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Dict, List, Optional
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +24,9 @@ from .methods import QuantMethod, register_method
 from .nn import QuantLinearBase
 from .nn_vq import VQQuantLinear
 
-__all__ = ["VPTQ", "vptq_quantize", "VPTQ_PRESETS"]
+__all__ = ["VPTQ", "vptq_quantize", "VPTQ_PRESETS", "UPSTREAM_HESSIAN_KEYS",
+           "upstream_hessian_file", "load_upstream_hessian", "upstream_layer_entry",
+           "add_upstream_keys", "sqllm_view"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,77 @@ def vptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, v: int = 8, k:
     layer = VQQuantLinear.from_result(res, w.shape[1], w.shape[0], v, k, k_res, group_num,
                                       v_out, k_out, enable_perm, enable_norm, bias=bias)
     return (layer, res) if return_result else layer
+
+
+#: The file key of each decoder-layer Linear in upstream's Hessian folders
+#: (``<layer index>_<key>.pt``, written by the QuIP# collector VPTQ uses; q/k/v
+#: and gate/up share their input and so one file).
+UPSTREAM_HESSIAN_KEYS = {
+    "self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
+    "self_attn.o_proj": "o", "mlp.gate_proj": "up", "mlp.up_proj": "up",
+    "mlp.down_proj": "down"}
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+
+
+def upstream_hessian_file(hessian_path: "os.PathLike[str] | str", name: str) -> Path:
+    """The file of layer ``name`` (e.g. ``model.layers.3.mlp.up_proj``) in an upstream
+    Hessian folder: ``<hessian_path>/<index>_<key>.pt`` (ValueError for a Linear outside
+    the decoder layers' attention/MLP, which upstream's folders do not cover)."""
+    m = _LAYER_RE.search(name)
+    key = UPSTREAM_HESSIAN_KEYS.get(m.group(2)) if m else None
+    if key is None:
+        raise ValueError(f"layer {name!r} has no file in upstream's Hessian layout (it names "
+                         f"<index>_<key>.pt for layers.<index>.{{{', '.join(sorted(UPSTREAM_HESSIAN_KEYS))}}})")
+    return Path(hessian_path) / f"{int(m.group(1))}_{key}.pt"
+
+
+def load_upstream_hessian(path: "os.PathLike[str] | str",
+                          in_features: Optional[int] = None) -> Tuple[torch.Tensor, int]:
+    """Read one Hessian file of upstream's layout and return ``(E[x xᵀ], ct)`` in float64.
+
+    The file is a dict saved by ``torch.save``: ``flatH`` (float32, the lower triangle of
+    the covariance ``Σxxᵀ/ct − μμᵀ`` row by row, n(n+1)/2 values), ``mu`` (float32
+    [n], the mean input), ``n`` (the dimension) and ``ct`` (the number of rows; may
+    be absent).  Upstream adds μμᵀ back, divides by the mean of the diagonal and adds
+    1e-2·I; sqllm returns the second moment (μμᵀ added back) and lets the GPTQ engine
+    damp with ``percdamp`` = 0.01 × mean diagonal, which is the same matrix up to a
+    positive factor (GPTQ and the Hessian-weighted k-means are invariant to it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"Hessian file {str(p)!r} does not exist")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a torch file
+        raise ValueError(f"Hessian file {str(p)!r} could not be read ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not {"flatH", "mu", "n"} <= set(data):
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"Hessian file {str(p)!r} must hold a dict with flatH, mu and n, got {keys}")
+    try:
+        n = int(data["n"])
+    except (TypeError, ValueError):
+        raise ValueError(f"Hessian file {str(p)!r}: n must be an integer, got {data['n']!r}") from None
+    flat, mu = data["flatH"], data["mu"]
+    if not isinstance(flat, torch.Tensor) or not isinstance(mu, torch.Tensor):
+        raise ValueError(f"Hessian file {str(p)!r}: flatH and mu must be tensors")
+    if n < 1 or flat.dim() != 1 or flat.numel() != n * (n + 1) // 2 or tuple(mu.shape) != (n,):
+        raise ValueError(f"Hessian file {str(p)!r}: n = {n} needs flatH of {n * (n + 1) // 2} values "
+                         f"and mu of shape ({n},), got {tuple(flat.shape)} and {tuple(mu.shape)}")
+    if in_features is not None and n != in_features:
+        raise ValueError(f"Hessian file {str(p)!r} is {n}x{n}, the layer has {in_features} inputs")
+    ct = int(data.get("ct", 0) or 0)
+    flat64, mu64 = flat.to(torch.float64), mu.to(torch.float64)
+    if not (torch.isfinite(flat64).all() and torch.isfinite(mu64).all()):
+        raise ValueError(f"Hessian file {str(p)!r} holds NaN or Inf")
+    h = torch.zeros(n, n, dtype=torch.float64)
+    r, c = torch.tril_indices(n, n)
+    h[r, c] = flat64
+    h[c, r] = flat64
+    h += torch.outer(mu64, mu64)
+    if not float(h.diagonal().mean()) > 0.0:
+        raise ValueError(f"Hessian file {str(p)!r}: the second moment has a non-positive mean "
+                         "diagonal (all-zero inputs?)")
+    return h, ct
 
 
 def _pair(values: Optional[List[int]], name: str) -> Optional[List[int]]:
@@ -112,6 +188,10 @@ class VPTQ(QuantMethod):
         k-means stops when the objective falls by less than this fraction.
     seed : int
         Seeds the k-means initialisation.
+    hessian_path : str
+        Read each layer's Hessian from this folder in upstream's layout
+        (``<index>_{qkv,o,up,down}.pt``, :func:`load_upstream_hessian`) instead of
+        collecting it; no calibration data is then needed.
     """
 
     name = "vptq"
@@ -132,6 +212,7 @@ class VPTQ(QuantMethod):
     kiter: int = 100
     ktol: float = 1e-5
     seed: int = 0
+    hessian_path: Optional[str] = None
 
     def __post_init__(self) -> None:
         preset = VPTQ_PRESETS.get(int(self.bits))
@@ -165,11 +246,21 @@ class VPTQ(QuantMethod):
             raise ValueError(f"vptq: kmeans_init must be 'random' or 'kmeans++', got {self.kmeans_init!r}")
         if self.group_num < 1 or self.blocksize < 1 or self.kiter < 0 or self.ktol < 0:
             raise ValueError("vptq: group_num and blocksize must be >= 1, kiter and ktol >= 0")
+        if self.hessian_path is not None:
+            self.hessian_path = str(self.hessian_path)
+            if not os.path.isdir(self.hessian_path):
+                raise ValueError(f"vptq: hessian_path {self.hessian_path!r} is not a folder")
+        self.needs_calibration = bool(self.required_stats())
+
+    def required_stats(self) -> "Tuple[str, ...]":
+        return () if self.hessian_path is not None else tuple(self.stats)
 
     def collect(self, model: nn.Module, layers: Dict[str, nn.Linear],
                 batches: Optional[torch.Tensor], progress: bool) -> Dict[str, Any]:
         from .gptq import collect_hessians
 
+        if self.hessian_path is not None:
+            return {}
         if batches is None:
             raise ValueError("vptq needs calibration data for the layer Hessians (pass calibration=...)")
         return collect_hessians(model, layers, batches, progress=progress)
@@ -178,8 +269,13 @@ class VPTQ(QuantMethod):
                        stats: Dict[str, Any]) -> QuantLinearBase:
         from .gptq import hessian_for_gptq
 
-        h = hessian_for_gptq(stats, name)
         in_f = linear.in_features
+        if self.hessian_path is not None:
+            path = upstream_hessian_file(self.hessian_path, name)
+            log.info("%s: Hessian from %s", name, path)
+            h, _ = load_upstream_hessian(path, in_f)
+        else:
+            h = hessian_for_gptq(stats, name)
         outliers = int(math.ceil(self.npercent * in_f / 100.0)) if self.npercent > 0 else 0
         kr = max(self.num_res_centroids[1], 0)
         try:
@@ -243,3 +339,57 @@ def upstream_config(q: Dict[str, Any], where: str = "quantization_config") -> An
             raise QuantizationConfigError(f"{w}: {err}") from None
         qc.layers[name] = lf
     return qc
+
+
+# -- writing upstream's config_for_layers ----------------------------------------------
+
+#: Keys of upstream's quantization_config that sqllm writes beside its own.
+UPSTREAM_KEYS = ("config_for_layers", "shared_layer_config")
+
+
+def upstream_layer_entry(lf: Any) -> Dict[str, Any]:
+    """Upstream's ``config_for_layers`` entry (the keyword arguments of its
+    ``VQuantLinear``) of one ``vq`` :class:`sqllm.config.LayerFormat`."""
+    p = lf.params
+    outlier = int(p.get("outlier_size", 0))
+    kr = int(p.get("num_res_centroids", 0))
+    return {"in_features": int(lf.in_features), "out_features": int(lf.out_features),
+            "vector_lens": [int(p["outlier_vector_len"]) if outlier else -1, int(p["vector_len"])],
+            "num_centroids": [int(p["outlier_centroids"]) if outlier else -1,
+                              int(p["num_centroids"])],
+            "num_res_centroids": [-1, kr if kr > 0 else -1],
+            "group_num": int(p.get("group_num", 1)), "group_size": int(p["group_size"]),
+            "outlier_size": outlier, "indices_as_float": False, "is_indice_packed": True,
+            "enable_norm": bool(p.get("enable_norm", False)),
+            "enable_perm": bool(p.get("enable_perm", False)), "bias": bool(lf.bias)}
+
+
+def add_upstream_keys(q: Dict[str, Any]) -> Dict[str, Any]:
+    """sqllm's stored ``quantization_config`` ``q`` in upstream VPTQ's layout as well, when
+    every quantized layer is ``vq``: ``quant_method: "vptq"``, ``config_for_layers`` (one
+    entry per layer, :func:`upstream_layer_entry`) and ``shared_layer_config`` beside
+    sqllm's own keys, which upstream's readers ignore and :func:`sqllm_view` reads back.
+    Any other config is returned unchanged."""
+    from .config import QuantizationConfig
+
+    qc = QuantizationConfig.from_dict(q)
+    if not qc.layers or any(lf.format != "vq" for lf in qc.layers.values()):
+        return q
+    out = dict(q)
+    out["quant_method"] = "vptq"
+    out["config_for_layers"] = {n: upstream_layer_entry(lf) for n, lf in qc.layers.items()}
+    out["shared_layer_config"] = {}
+    return out
+
+
+def sqllm_view(q: Any) -> Any:
+    """The sqllm ``quantization_config`` inside ``q``: ``q`` itself, or for a folder sqllm
+    saved in upstream's layout (quant_method "vptq" with sqllm's ``format_version`` and
+    ``layers`` beside ``config_for_layers``) the same dict as sqllm wrote it; ``q`` as
+    is when it is neither (a plain upstream config)."""
+    if (isinstance(q, dict) and q.get("quant_method") == "vptq" and "format_version" in q
+            and "layers" in q and "config_for_layers" in q):
+        d = {k: v for k, v in q.items() if k not in UPSTREAM_KEYS}
+        d["quant_method"] = "sqllm"
+        return d
+    return q

@@ -25,6 +25,7 @@ Targets (batch 1): 3-bit >= 3.5x cuBLAS and >= 70 % of copy bandwidth; 4-bit >=
 Usage (needs a CUDA device and sqllm built with CUDA):
     python tests/bench/bench_cuda.py                      # the default table
     python tests/bench/bench_cuda.py --shapes 4096x4096 --bits 3 --batch 1 --iters 500
+    python tests/bench/bench_cuda.py --vq             # the VQ kernels (bench_vq_cuda.py)
 """
 from __future__ import annotations
 
@@ -98,7 +99,14 @@ def make_layer(out_f: int, in_f: int, bits: int, axis: str, gen: torch.Generator
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--vq" in argv:  # the VQ (VPTQ) kernels: tests/bench/bench_vq_cuda.py
+        from bench_vq_cuda import main as vq_main
+
+        return vq_main([a for a in argv if a != "--vq"])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="--vq: benchmark the VQ kernels instead "
+                                        "(bench_vq_cuda.py; its options follow)")
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="out x in, e.g. 4096x11008")
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16])

@@ -354,3 +354,277 @@ def test_vq_layer_rejects_bad_parameters():
     W = torch.randn(30, 24) * 0.1
     layer = sqllm.vptq_quantize(W, correlated_hessian(24), v=8, k=16, kiter=5)
     assert layer.indices.shape[1] == 4 and layer.dequantize().shape == (30, 24)
+
+
+# -- Hessians in upstream's file layout (--hessian-path) -------------------------------
+
+def _write_upstream_hessians(folder, model, calib_ids):
+    """An independent writer of upstream's Hessian folders (the QuIP# collector VPTQ reads):
+    per decoder layer and input (qkv, o, up, down) a torch.save'd dict with the covariance
+    Σxxᵀ/ct − μμᵀ as its lower triangle row by row (float32), mu, n and ct.  Returns the
+    second moments E[xxᵀ] (float64, from the float32-stored values) it encodes."""
+    folder.mkdir()
+    inputs = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for mod, key in ((layer.self_attn.q_proj, "qkv"), (layer.self_attn.o_proj, "o"),
+                         (layer.mlp.up_proj, "up"), (layer.mlp.down_proj, "down")):
+            def hook(m, args, out, tag=f"{i}_{key}"):
+                inputs.setdefault(tag, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        for row in calib_ids:
+            model(row[None])
+    for h in hooks:
+        h.remove()
+    second = {}
+    for tag, xs in inputs.items():
+        X = torch.cat(xs).double().numpy()
+        ct, n = X.shape
+        mu = X.mean(0)
+        cov = X.T @ X / ct - np.outer(mu, mu)
+        flat = np.array([cov[r, c] for r in range(n) for c in range(r + 1)], np.float32)
+        mu32 = mu.astype(np.float32)
+        torch.save({"flatH": torch.from_numpy(flat), "mu": torch.from_numpy(mu32), "n": n, "ct": ct},
+                   folder / f"{tag}.pt")
+        full = np.zeros((n, n))
+        j = 0
+        for r in range(n):
+            for c in range(r + 1):
+                full[r, c] = full[c, r] = float(flat[j])
+                j += 1
+        second[tag] = full + np.outer(mu32.astype(np.float64), mu32.astype(np.float64))
+    return second
+
+
+def test_hessians_in_upstream_layout_are_read(tmp_path, calib_ids):
+    from sqllm.vptq import load_upstream_hessian, upstream_hessian_file
+
+    model = make_tiny_llama()
+    second = _write_upstream_hessians(tmp_path / "hess", model, calib_ids)
+    assert sorted(second) == sorted(f"{i}_{k}" for i in range(2) for k in ("qkv", "o", "up", "down"))
+    h, ct = load_upstream_hessian(tmp_path / "hess" / "1_up.pt", 64)
+    assert ct == calib_ids.numel()
+    np.testing.assert_array_equal(h.numpy(), second["1_up"])  # same float64 sums
+    assert upstream_hessian_file(tmp_path, "model.layers.1.mlp.gate_proj").name == "1_up.pt"
+    assert upstream_hessian_file(tmp_path, "model.layers.0.self_attn.v_proj").name == "0_qkv.pt"
+
+    # Quantizing with hessian_path (no calibration data) equals quantizing each layer with
+    # the second moment the files encode.
+    opts = dict(v=4, k=16, kiter=5, enable_norm=True)
+    ref = {}
+    for name, lin in model.named_modules():
+        if isinstance(lin, torch.nn.Linear) and name != "lm_head":
+            key = upstream_hessian_file("", name).stem
+            ref[name] = sqllm.vptq_quantize(lin.weight, torch.from_numpy(second[key]), **opts,
+                                            bias=lin.bias).dequantize()
+    sqllm.quantize(model, method="vptq", progress=False, vector_lens=[-1, 4],
+                   num_centroids=[-1, 16], kiter=5, method_options={"hessian_path": str(tmp_path / "hess")})
+    assert model.config.quantization_config["calibration"].get("text") is None
+    for name, w in ref.items():
+        assert torch.equal(model.get_submodule(name).dequantize(), w), name
+
+
+def test_bad_upstream_hessian_files(tmp_path):
+    from sqllm.vptq import VPTQ, load_upstream_hessian, upstream_hessian_file
+
+    n = 6
+    good = {"flatH": torch.ones(n * (n + 1) // 2), "mu": torch.zeros(n), "n": n, "ct": 10}
+    with pytest.raises(ValueError, match="does not exist"):
+        load_upstream_hessian(tmp_path / "0_qkv.pt")
+    torch.save(good, tmp_path / "g.pt")
+    with pytest.raises(ValueError, match="is 6x6, the layer has 8 inputs"):
+        load_upstream_hessian(tmp_path / "g.pt", 8)
+    torch.save({**good, "flatH": torch.ones(20)}, tmp_path / "short.pt")
+    with pytest.raises(ValueError, match="needs flatH of 21 values"):
+        load_upstream_hessian(tmp_path / "short.pt")
+    bad = good["flatH"].clone()
+    bad[3] = float("nan")
+    torch.save({**good, "flatH": bad}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        load_upstream_hessian(tmp_path / "nan.pt")
+    torch.save({"flatH": good["flatH"], "n": n}, tmp_path / "nomu.pt")
+    with pytest.raises(ValueError, match="flatH, mu and n"):
+        load_upstream_hessian(tmp_path / "nomu.pt")
+    raw = (tmp_path / "g.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="could not be read"):
+        load_upstream_hessian(tmp_path / "trunc.pt")
+    torch.save({**good, "flatH": torch.zeros(21)}, tmp_path / "zero.pt")
+    with pytest.raises(ValueError, match="non-positive mean diagonal"):
+        load_upstream_hessian(tmp_path / "zero.pt")
+    with pytest.raises(ValueError, match="no file in upstream's Hessian layout"):
+        upstream_hessian_file(tmp_path, "lm_head")
+    with pytest.raises(ValueError, match="is not a folder"):
+        VPTQ(bits=2, hessian_path=str(tmp_path / "nope"))
+    assert VPTQ(bits=2, hessian_path=str(tmp_path)).needs_calibration is False
+
+
+def test_cli_has_hessian_path_flag():
+    from sqllm.cli import _method_args, _parser
+
+    args = _parser("vptq").parse_args(["quantize", "--method", "vptq", "--out", "o",
+                                       "--hessian-path", "/h"])
+    assert _method_args(args) == {"hessian_path": "/h"}
+
+
+# -- saving in upstream's layout (config_for_layers) -------------------------------------
+
+def _read_as_upstream(folder):
+    """An independent reader of VPTQ's published layout, written from the layout description
+    (upstream-formats.md): config.json's quantization_config with quant_method "vptq" and
+    config_for_layers; each module's tensors under <module>.<key> in the safetensors files,
+    decoded by upstream's formula (upstream_decode).  Returns {module: dense float64 W}."""
+    from safetensors import safe_open
+
+    cfg = json.loads((folder / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "vptq"
+    tensors = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                tensors[k] = fh.get_tensor(k)
+    out = {}
+    for name, entry in q["config_for_layers"].items():
+        e = {**q.get("shared_layer_config", {}), **entry}
+        for key in ("in_features", "out_features", "vector_lens", "num_centroids",
+                    "num_res_centroids", "group_num", "group_size", "outlier_size",
+                    "is_indice_packed", "enable_norm", "enable_perm", "bias"):
+            assert key in e, (name, key)
+        assert e["is_indice_packed"] is True
+        t = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        G, gs, out_f, in_f = e["group_num"], e["group_size"], e["out_features"], e["in_features"]
+        v, k = e["vector_lens"][1], e["num_centroids"][1]
+        kr = max(e["num_res_centroids"][1], 0)
+        B = (k.bit_length() - 1) + (kr.bit_length() - 1 if kr else 0)
+        assert t["indices"].dtype == torch.int32
+        assert tuple(t["indices"].shape) == (G, -(-out_f // v), -(-gs * B // 32))
+        assert t["centroids.weight"].dtype in (torch.float16, torch.bfloat16)
+        assert tuple(t["centroids.weight"].shape) == (G, k * v)
+        if kr:
+            assert tuple(t["res_centroids.weight"].shape) == (G, kr * v)
+        if e["outlier_size"]:
+            vo, ko = e["vector_lens"][0], e["num_centroids"][0]
+            assert t["outlier_indices"].dtype == torch.int16
+            assert tuple(t["outlier_indices"].shape) == (1, -(-out_f // vo), e["outlier_size"])
+            assert tuple(t["outlier_centroids.weight"].shape) == (1, ko * vo)
+        if e["enable_perm"]:
+            assert t["perm"].dtype == torch.int16 and tuple(t["perm"].shape) == (in_f,)
+        if e["enable_norm"]:
+            assert tuple(t["weight_scale"].shape) == tuple(t["weight_bias"].shape) == (in_f,)
+        assert ("bias" in t) == e["bias"]
+        out[name] = upstream_decode(t, e)
+    return out
+
+
+def test_saved_folder_reads_in_upstream_layout(tmp_path, calib_ids):
+    model = make_tiny_llama()
+    sqllm.quantize(model, method="vptq", calibration=calib_ids, progress=False,
+                   vector_lens=[2, 4], num_centroids=[8, 32], num_res_centroids=[-1, 4],
+                   npercent=5.0, group_num=2, kiter=5)
+    folder = sqllm.save_quantized(model, tmp_path / "q")
+    dense = _read_as_upstream(folder)
+    names = [n for n, m in model.named_modules() if isinstance(m, VQQuantLinear)]
+    assert sorted(dense) == sorted(names) and len(names) == 14
+    for name in names:
+        layer = model.get_submodule(name)
+        assert layer.outlier_size == -(-5 * layer.in_features // 100) and layer.group_num == 2
+        np.testing.assert_allclose(layer.dequantize().double().numpy(), dense[name], rtol=0, atol=1e-6)
+    # sqllm reads its own metadata back from the same folder
+    qc = sqllm.read_quantization_config(folder)
+    assert qc.method == "vptq" and qc.options["npercent"] == 5.0 and qc.options["group_num"] == 2
+    loaded = sqllm.load_quantized(folder)
+    ids = torch.randint(0, 256, (1, 10))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.config.quantization_config["quant_method"] == "sqllm"
+    # saving over it is allowed (it is an sqllm folder) and stays in upstream's layout
+    sqllm.save_quantized(loaded, folder)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "vptq"
+
+
+# -- the CPU GEMM path (large batches) -----------------------------------------------
+
+def random_layer(in_f, out_f, v, k, kr, groups=1, outliers=0, vo=0, ko=0, perm=True, norm=True,
+                 seed=0):
+    """A VQ layer with random slots, codebooks, perm, norm and bias (no quantizer involved)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = VQQuantLinear(in_f, out_f, v, k, kr, groups, -1, outliers, vo, ko, perm, norm,
+                          bias=True)
+    B = layer.index_bits
+    idx = torch.randint(0, 2 ** 31 - 1, layer.indices.shape, generator=g, dtype=torch.int64)
+    layer.indices.copy_(idx.to(torch.int32))
+    if (layer.group_size * B) % 32:  # tail bits past the last slot: zero, as upstream writes
+        layer.indices[..., -1] &= (1 << ((layer.group_size * B) % 32)) - 1
+    layer.centroids.weight.copy_(torch.randn(layer.centroids.weight.shape, generator=g))
+    if kr:
+        layer.res_centroids.weight.copy_(0.1 * torch.randn(layer.res_centroids.weight.shape, generator=g))
+    if outliers:
+        layer.outlier_indices.copy_(torch.randint(0, ko, layer.outlier_indices.shape, generator=g))
+        layer.outlier_centroids.weight.copy_(3 * torch.randn(layer.outlier_centroids.weight.shape,
+                                                             generator=g))
+    if perm:
+        layer.perm.copy_(torch.randperm(in_f, generator=g).to(torch.int16))
+    if norm:
+        layer.weight_scale.copy_(0.05 + 0.25 * torch.rand(in_f, generator=g))
+        layer.weight_bias.copy_(0.05 * torch.randn(in_f, generator=g))
+    layer.bias.copy_(torch.randn(out_f, generator=g))
+    layer.validate()
+    return layer
+
+
+def reference(layer):
+    """(W64, |W'| s + |t| per element) in float64 from the documented decode."""
+    from sqllm.config import LayerFormat
+    from sqllm.vptq import upstream_layer_entry
+
+    cfg = upstream_layer_entry(LayerFormat.from_layer(layer))
+    t = {k: v.cpu() for k, v in layer.state_dict().items()}
+    W = upstream_decode(t, cfg)
+    if not layer.enable_norm:
+        return W, np.abs(W)
+    s = t["weight_scale"].double().numpy()
+    b = t["weight_bias"].double().numpy()
+    Wn = upstream_decode(t, {**cfg, "enable_norm": False})
+    return W, np.abs(Wn) * np.abs(s) + np.abs(b)
+
+
+@pytest.mark.parametrize("batch", [1, 17, 40])
+def test_cpu_gemm_path_equals_float64(batch):
+    from sqllm.nn_vq import GATHER_MAX_BATCH
+
+    layer = random_layer(300, 77, 6, 256, 16, groups=2, outliers=7, vo=3, ko=5, seed=batch)
+    W, mag = reference(layer)
+    x = torch.randn(batch, 300, generator=torch.Generator().manual_seed(2))
+    xd = x.double().numpy()
+    ref = xd @ W.T
+    U = 2.0 ** -24
+    gam = 310 * U / (1 - 310 * U)
+    bound = gam * (np.abs(xd) @ mag.T)
+    y = _C.vq_matmul(x.numpy(), *layer._operands(), 0, True, True)
+    assert np.all(np.abs(y - ref) <= bound), float(np.max(np.abs(y - ref) / bound))
+    # forward takes this path above GATHER_MAX_BATCH rows (and the gather one below)
+    got = (layer(x) - layer.bias).double().numpy()
+    assert np.all(np.abs(got - ref) <= 2 * bound + 1e-6)
+    if batch > GATHER_MAX_BATCH:
+        assert np.array_equal(layer(x).numpy(), (torch.from_numpy(y) + layer.bias).numpy())
+
+
+def test_cli_quantize_streams_with_upstream_hessians(tmp_path, tiny_model_dir, calib_ids):
+    """`sqllm quantize --method vptq --hessian-path DIR` on a folder (streamed, block by block):
+    no calibration pass, every layer's Hessian read from the files."""
+    from sqllm.cli import main
+
+    model_dir, _ = tiny_model_dir
+    second = _write_upstream_hessians(tmp_path / "hess", make_tiny_llama(), calib_ids)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(model_dir), "--method", "vptq", "--hessian-path",
+                 str(tmp_path / "hess"), "--vector-lens", "4", "--num-centroids", "16",
+                 "--kiter", "3", "--quiet", "--out", str(out)]) == 0
+    q = sqllm.load_quantized(out)
+    lin = make_tiny_llama().model.layers[1].mlp.down_proj
+    ref = sqllm.vptq_quantize(lin.weight, torch.from_numpy(second["1_down"]), v=4, k=16, kiter=3,
+                              enable_norm=True).dequantize()
+    assert torch.equal(q.model.layers[1].mlp.down_proj.dequantize(), ref)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "vptq" and cfg["options"]["hessian_path"] == str(tmp_path / "hess")
