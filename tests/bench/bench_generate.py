@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation/baseline dtype (default float16 on CUDA, float32 on CPU)")
     p.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     p.add_argument("--sparsity", type=float, default=0.0)
+    p.add_argument("--embed-bits", type=int, nargs="+", default=[0],
+                   help="for each --bits, also quantize the token embedding (and the tied "
+                        "lm_head) to these bits (0: leave it in the activation dtype)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -140,14 +143,17 @@ def main(argv=None) -> int:
     prompt = torch.randint(1, base.config.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
 
     results: Dict[str, Tuple[float, float, int]] = {}
-    variants = ["baseline"] + [f"{b}-bit" for b in args.bits]
+    variants = ["baseline"] + [f"{b}-bit" + (f" + emb {e}-bit" if e else "")
+                               for b in args.bits for e in args.embed_bits]
     for variant in variants:
         model, _ = build_model(args, dtype) if variant != "baseline" else (base, name)
         if variant != "baseline":
             bits = int(variant.split("-")[0])
+            emb = int(variant.split("emb ")[1].split("-")[0]) if "emb" in variant else None
             t0 = time.perf_counter()
             sqllm.quantize(model, method="squeezellm", bits=bits, kmeans="lloyd",
-                           sparsity=args.sparsity, weighted=False, progress=not args.quiet)
+                           sparsity=args.sparsity, weighted=False, progress=not args.quiet,
+                           quantize_embeddings=emb)
             logging.getLogger("bench_generate").info("%s: quantized in %.1f s", variant,
                                                      time.perf_counter() - t0)
         model.to(device).eval()
