@@ -10,7 +10,9 @@
 //
 // Paths (batches below kGemmMinBatch; larger ones decode tiles of Ŵ with the
 // same path's row decoder and multiply them with Eigen's GEMM):
-//   avx512  1..4 bits: in-register table, vpermps on 16 codes (detail/lut_matmul_avx512.hpp)
+//   avx512  1..4 bits: in-register table, vpermps on 16 codes (detail/lut_matmul_avx512.hpp);
+//           batch 1 with 1/2/4-bit row grouping: codes taken whole from 32-bit
+//           words, one shift + vpermps + FMA per 16 (detail/lut_matmul_avx512_dword.hpp)
 //   avx2    1..4 bits: in-register table, vpermps on 8 codes (detail/lut_matmul_avx2.hpp)
 //   scalar  every width: decode 32 codes, then a dot product (portable C++)
 // chosen at run time from the CPU's features (cpu_features.hpp), or forced.
@@ -28,6 +30,7 @@
 #include "sqllm/csr.hpp"
 #include "sqllm/detail/lut_matmul_avx2.hpp"
 #include "sqllm/detail/lut_matmul_avx512.hpp"
+#include "sqllm/detail/lut_matmul_avx512_dword.hpp"
 #include "sqllm/dispatch.hpp"
 #include "sqllm/error.hpp"
 #include "sqllm/nuq.hpp"
@@ -172,6 +175,26 @@ void lut_matmul_simd(const float* x, std::size_t batch, std::size_t in, std::siz
                      const std::uint32_t* codes, const float* tables, const CsrView* csr,
                      float* y, int num_threads) {
   static_assert(BITS >= 1 && BITS <= 4, "the SIMD paths take 1..4-bit codes");
+  if constexpr (KERNEL == CpuKernel::Avx512 && avx512::dword_kernel_applies<BITS, ROW>()) {
+    // Batch 1, codes whole in each 32-bit word: the word-aligned kernel
+    // (detail/lut_matmul_avx512_dword.hpp) on x permuted once.
+    if (batch == 1 && in >= avx512::dword_block<BITS>()) {
+      std::vector<float> xq((in / avx512::dword_block<BITS>()) * avx512::dword_block<BITS>());
+      avx512::permute_x<BITS>(x, in, xq.data());
+      constexpr std::size_t CH = 16;  // rows per OpenMP chunk
+      const std::ptrdiff_t nchunks = static_cast<std::ptrdiff_t>((out + CH - 1) / CH);
+#ifdef _OPENMP
+      const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+#pragma omp parallel for schedule(static) num_threads(nt) if (nchunks > 1)
+#endif
+      for (std::ptrdiff_t c = 0; c < nchunks; ++c) {
+        const std::size_t o0 = static_cast<std::size_t>(c) * CH;
+        avx512::rows_dword<BITS>(x, xq.data(), in, codes, tables, csr, y, o0,
+                                 std::min(out, o0 + CH));
+      }
+      return;
+    }
+  }
   constexpr std::size_t G = KERNEL == CpuKernel::Avx512 ? 16 : 8;
   std::vector<float> packed;
   const float* xp = x;

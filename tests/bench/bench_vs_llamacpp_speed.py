@@ -50,6 +50,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="llama-bench -r")
     p.add_argument("--no-f32-embeddings", action="store_true",
                    help="skip the variants with F32 token embedding/output")
+    p.add_argument("--prepare-only", action="store_true", help="write the GGUF files and stop")
     p.add_argument("--sqllm", action="store_true", help="then run bench_generate.py (CPU)")
     p.add_argument("--sqllm-args", default="--bits 4 3 --embed-bits 0 8 4",
                    help="extra arguments of bench_generate.py")
@@ -79,7 +80,7 @@ def make_files(args: argparse.Namespace) -> Dict[str, Path]:
     if not f32.exists():
         tmp = f32.with_suffix(".tmp")
         _run([str(quantize), "--allow-requantize", str(source_gguf()), str(tmp), "F32"],
-             stdout=subprocess.DEVNULL)
+             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         tmp.rename(f32)
     files: Dict[str, Path] = {}
     for t in args.types:
@@ -120,6 +121,8 @@ def bench(args: argparse.Namespace, files: Dict[str, Path]) -> List[dict]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     files = make_files(args)
+    if args.prepare_only:
+        return 0
     rows = bench(args, files)
     print(f"\nllama.cpp ({args.llama_bin}), llama-bench -t {args.threads} -p 0 "
           f"-n {args.new_tokens} -r {args.reps}; SmolLM2-135M-Instruct from the Q4_1 GGUF "
