@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -58,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default); sqllm's kernels use OpenMP's "
+                        "default, so also set OMP_NUM_THREADS to the same number")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     return p.parse_args(argv)
 
@@ -120,6 +124,8 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     import sqllm
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.quiet:
         import transformers
 
@@ -167,7 +173,8 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n{name}; device {dev_name}; activations {str(dtype).replace('torch.', '')}; "
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
-          f"median of {args.repeats}; sparsity {args.sparsity}\n")
+          f"median of {args.repeats}; sparsity {args.sparsity}; torch threads "
+          f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}\n")
     print("| model | decode tok/s | speed-up | first token (ms) | weights (MB) |")
     print("|---|---|---|---|---|")
     base_rate = results["baseline"][0]

@@ -19,7 +19,7 @@ side (same thread count; ``--sqllm-args`` are passed through), so both tables
 come from one run.
 
 Usage (the lead's command on an idle box):
-    python tests/bench/bench_vs_llamacpp_speed.py --threads 2 --reps 5 --sqllm \\
+    OMP_NUM_THREADS=2 python tests/bench/bench_vs_llamacpp_speed.py --threads 2 --reps 5 --sqllm \\
         --sqllm-args "--bits 4 3 --embed-bits 0 8 4 --new-tokens 128 --repeats 5"
 """
 from __future__ import annotations
@@ -136,13 +136,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.sqllm:
         here = Path(__file__).resolve().parent
         sys.path.insert(0, str(here))
-        import torch
-
-        torch.set_num_threads(args.threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        if os.environ.get("OMP_NUM_THREADS") != str(args.threads):
+            print(f"note: run with OMP_NUM_THREADS={args.threads} so that sqllm's kernels use "
+                  f"{args.threads} threads too", file=sys.stderr)
         import bench_generate
 
-        return bench_generate.main(["--device", "cpu", "--quiet",
+        return bench_generate.main(["--device", "cpu", "--quiet", "--threads", str(args.threads),
                                     *shlex.split(args.sqllm_args)])
     return 0
 
