@@ -165,6 +165,7 @@ def main(argv=None) -> int:
         model.to(device).eval()
         rate, first = time_generation(model, prompt, args, device)
         results[variant] = (rate, first, weight_bytes(model))
+        print(f"{variant}: {rate:.1f} tok/s, first token {first * 1e3:.0f} ms", flush=True)
         if variant != "baseline":
             del model
             if device.type == "cuda":
