@@ -10,7 +10,9 @@
 //
 // Paths (batches below kGemmMinBatch; larger ones decode tiles of Ŵ with the
 // same path's row decoder and multiply them with Eigen's GEMM):
-//   avx512  1..4 bits: in-register table, vpermps on 16 codes (detail/lut_matmul_avx512.hpp)
+//   avx512  1..4 bits: in-register table, vpermps on 16 codes (detail/lut_matmul_avx512.hpp);
+//           batch 1 with 1/2/4-bit row grouping: codes taken whole from 32-bit
+//           words, one shift + vpermps + FMA per 16 (detail/lut_matmul_avx512_dword.hpp)
 //   avx2    1..4 bits: in-register table, vpermps on 8 codes (detail/lut_matmul_avx2.hpp)
 //   scalar  every width: decode 32 codes, then a dot product (portable C++)
 // chosen at run time from the CPU's features (cpu_features.hpp), or forced.
@@ -28,6 +30,7 @@
 #include "sqllm/csr.hpp"
 #include "sqllm/detail/lut_matmul_avx2.hpp"
 #include "sqllm/detail/lut_matmul_avx512.hpp"
+#include "sqllm/detail/lut_matmul_avx512_dword.hpp"
 #include "sqllm/dispatch.hpp"
 #include "sqllm/error.hpp"
 #include "sqllm/format/lut.hpp"
@@ -75,6 +78,23 @@ inline float dot(const float* a, const float* b, std::size_t n) {
   return s;
 }
 
+/// Below this many multiply-adds (batch * in * out) a call runs on the
+/// calling thread alone: a 576x1536 layer at batch 1 takes ~30 us on one
+/// core, about what waking a second OpenMP thread and joining it costs, and
+/// in a decode step the idle workers of sqllm's and torch's OpenMP runtimes
+/// would spin against each other between the small calls.
+constexpr std::size_t kParallelMinWork = std::size_t{1} << 21;
+
+/// Threads for a call: num_threads (0: OpenMP's default), 1 for small work.
+inline int call_threads(int num_threads, std::size_t batch, std::size_t in, std::size_t out) {
+  if (batch * in * out < kParallelMinWork) return 1;
+#ifdef _OPENMP
+  return num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  return num_threads > 0 ? num_threads : 1;
+#endif
+}
+
 /// Batches of at least this many rows take the blocked-GEMM path.
 constexpr std::size_t kGemmMinBatch = 64;
 
@@ -107,8 +127,8 @@ void lut_matmul_gemm(const float* x, std::size_t batch, std::size_t in, std::siz
   const std::ptrdiff_t ntiles = static_cast<std::ptrdiff_t>((out + TILE - 1) / TILE);
   const Eigen::Map<const RowMat> X(x, static_cast<Eigen::Index>(batch), static_cast<Eigen::Index>(in));
 #ifdef _OPENMP
-  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel num_threads(nt)
+  const int nt = call_threads(num_threads, batch, in, out);
+#pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
   {
     RowMat tile(static_cast<Eigen::Index>(TILE), static_cast<Eigen::Index>(in));
@@ -173,6 +193,26 @@ void lut_matmul_simd(const float* x, std::size_t batch, std::size_t in, std::siz
                      const std::uint32_t* codes, const float* tables, const CsrView* csr,
                      float* y, int num_threads) {
   static_assert(BITS >= 1 && BITS <= 4, "the SIMD paths take 1..4-bit codes");
+  if constexpr (KERNEL == CpuKernel::Avx512 && avx512::dword_kernel_applies<BITS, ROW>()) {
+    // Batch 1, codes whole in each 32-bit word: the word-aligned kernel
+    // (detail/lut_matmul_avx512_dword.hpp) on x permuted once.
+    if (batch == 1 && in >= avx512::dword_block<BITS>()) {
+      std::vector<float> xq((in / avx512::dword_block<BITS>()) * avx512::dword_block<BITS>());
+      avx512::permute_x<BITS>(x, in, xq.data());
+      constexpr std::size_t CH = 16;  // rows per OpenMP chunk
+      const std::ptrdiff_t nchunks = static_cast<std::ptrdiff_t>((out + CH - 1) / CH);
+#ifdef _OPENMP
+      const int nt = call_threads(num_threads, batch, in, out);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nchunks > 1)
+#endif
+      for (std::ptrdiff_t c = 0; c < nchunks; ++c) {
+        const std::size_t o0 = static_cast<std::size_t>(c) * CH;
+        avx512::rows_dword<BITS>(x, xq.data(), in, codes, tables, csr, y, o0,
+                                 std::min(out, o0 + CH));
+      }
+      return;
+    }
+  }
   constexpr std::size_t G = KERNEL == CpuKernel::Avx512 ? 16 : 8;
   std::vector<float> packed;
   const float* xp = x;
@@ -185,8 +225,8 @@ void lut_matmul_simd(const float* x, std::size_t batch, std::size_t in, std::siz
   // FMAs); at batch 1 one row at a time streams the codes faster from DRAM.
   const std::size_t R = KERNEL == CpuKernel::Avx512 && batch > 1 ? 2 : 1;
 #ifdef _OPENMP
-  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(static, 8) num_threads(nt)
+  const int nt = call_threads(num_threads, batch, in, out);
+#pragma omp parallel for schedule(static, 8) num_threads(nt) if (nt > 1)
 #endif
   for (std::ptrdiff_t p = 0; p < static_cast<std::ptrdiff_t>((out + R - 1) / R); ++p) {
     const std::size_t o = static_cast<std::size_t>(p) * R;
@@ -207,8 +247,8 @@ void lut_matmul_impl(const float* x, std::size_t batch, std::size_t in, std::siz
   const std::ptrdiff_t nblocks = static_cast<std::ptrdiff_t>((out + RB - 1) / RB);
   std::exception_ptr error;
 #ifdef _OPENMP
-  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel num_threads(nt)
+  const int nt = call_threads(num_threads, batch, in, out);
+#pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
   {
     std::vector<float> buf;

@@ -87,6 +87,7 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
              out: Union[str, "os.PathLike[str]", None] = None,
              checkpoint: Any = None, device: Union[str, torch.device, None] = None,
              sequential_groups: bool = False, overwrite: bool = False,
+             quantize_embeddings: Optional[int] = None,
              **options: Any) -> nn.Module:
     """Quantize the Linear layers of ``model`` in place and return it.
 
@@ -154,6 +155,11 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     overwrite : bool
         With ``out``: replace a folder there that is not an sqllm model folder
         (refused otherwise, before any work).
+    quantize_embeddings : int, optional
+        Also quantize the token embedding to this many bits (2..8, e.g. 8 or
+        4) in the ``lut`` format (per-row k-means); an ``lm_head`` tied to it
+        becomes a quantized layer sharing the same packed storage
+        (:mod:`sqllm.nn_embedding`).  In-memory models only (not streaming).
     **options :
         Further fields of the method's dataclass (e.g. ``sensitive_fraction``).
 
@@ -220,14 +226,28 @@ def quantize(model: nn.Module, method: str = "squeezellm", bits: int = 3,
     layers = find_linear_layers(model, exclude=exclude)
     if not layers:
         raise ValueError("the model has no Linear layers to quantize")
+    if quantize_embeddings is not None:
+        from .nn_embedding import _embedding_modules
+
+        if stream:
+            raise ValueError("quantize_embeddings applies to in-memory quantization, not "
+                             "streaming (stream=True, meta models, per-block statistics)")
+        if isinstance(quantize_embeddings, bool) or not isinstance(quantize_embeddings, int) \
+                or not 2 <= quantize_embeddings <= 8:
+            raise ValueError("quantize_embeddings must be None or an int in 2..8, got "
+                             f"{quantize_embeddings!r}")
+        _, _, head_name = _embedding_modules(model)
+        if head_name is not None:  # tied: quantized once, through the embedding
+            layers.pop(head_name, None)
     # Every module the run may replace, to put back if it fails part-way.
-    originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    originals = {n: m for n, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Embedding))}
     old_qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
     try:
         return _quantize(model, qm, method, bits, layers, calibration, tokenizer, nsamples,
                          seqlen, seed, exclude, sensitivity, progress, stream, meta, block_stats,
                          required, fp_inputs, stats_dir, out, checkpoint, device,
-                         sequential_groups, overwrite, dist_ctx)
+                         sequential_groups, overwrite, dist_ctx, quantize_embeddings)
     except BaseException as exc:
         if dist_ctx is not None:
             dist_ctx.report_failure(exc)
@@ -251,7 +271,8 @@ def _quantize(model: nn.Module, qm: Any, method: str, bits: Any, layers: Dict[st
               exclude: Iterable[str], sensitivity: Optional[Dict[str, torch.Tensor]],
               progress: bool, stream: bool, meta: bool, block_stats: bool, required: Any,
               fp_inputs: bool, stats_dir: Any, out: Any, checkpoint: Any, device: Any,
-              sequential_groups: bool, overwrite: bool, dist_ctx: Any = None) -> nn.Module:
+              sequential_groups: bool, overwrite: bool, dist_ctx: Any = None,
+              quantize_embeddings: Optional[int] = None) -> nn.Module:
     from .calib.streamer import _overrides_block, stream_quantize
 
     t0 = time.perf_counter()
@@ -306,6 +327,12 @@ def _quantize(model: nn.Module, qm: Any, method: str, bits: Any, layers: Dict[st
             q.to(lin.weight.device)
             set_module(model, name, q)
             layer_cfgs[name] = q.layer_config()
+    emb_cfg = None
+    if quantize_embeddings is not None:
+        from .nn_embedding import quantize_embeddings as _quantize_embeddings
+
+        emb_layers, emb_cfg = _quantize_embeddings(model, quantize_embeddings)
+        layer_cfgs.update({n: q.layer_config() for n, q in emb_layers.items()})
     t_total = time.perf_counter() - t0
 
     used = calibration if (qm.needs_calibration or needs_data) and sensitivity is None else None
@@ -317,6 +344,10 @@ def _quantize(model: nn.Module, qm: Any, method: str, bits: Any, layers: Dict[st
         sequential_groups=bool(sequential_groups) if stream and block_stats else False)
     qcfg = QuantizationConfig.for_method(qm, calib, modules_to_not_convert=exclude,
                                          layers=layer_cfgs).to_dict()
+    if emb_cfg is not None:
+        from .nn_embedding import EMBEDDINGS_KEY
+
+        qcfg[EMBEDDINGS_KEY] = emb_cfg
     if hasattr(model, "config"):
         model.config.quantization_config = qcfg
     if writer is not None:

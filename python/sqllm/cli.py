@@ -143,6 +143,9 @@ def _parser(method: Optional[str] = None) -> argparse.ArgumentParser:
     q.add_argument("--no-stream", action="store_true",
                    help="load the whole model into memory instead of streaming it block by block "
                         "from its safetensors files (the default for a model folder)")
+    q.add_argument("--quantize-embeddings", type=int, default=None, metavar="BITS",
+                   help="also quantize the token embedding (and an lm_head tied to it, one "
+                        "shared storage) to BITS (2..8, e.g. 8 or 4); in-memory models only")
     _add_eval_args(q, 16384)
     _add_common(q)
     _add_method_options(q, method if method in METHODS else DEFAULT_METHOD)
@@ -258,6 +261,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
 
     if _streamable(args.model) and not args.no_stream:
+        if args.quantize_embeddings is not None:
+            raise ValueError("--quantize-embeddings needs the model in memory: add --no-stream")
         return _cmd_quantize_streamed(args)
     model, tok = _load_any(args.model)
     before = size_report(model)["total_bytes"]
@@ -270,7 +275,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
              progress=not args.quiet, method_options=_method_args(args),
              fp_inputs=args.fp_inputs, stats_dir=args.stats_dir, device=args.device,
              sequential_groups=args.sequential_groups,
-             stream=True if args.device or args.sequential_groups else None)
+             stream=True if args.device or args.sequential_groups else None,
+             quantize_embeddings=args.quantize_embeddings)
     dt = time.perf_counter() - t0
     rep = size_report(model)
     print(f"quantized in {dt:.1f} s; model {before / 2**20:.1f} MiB -> "

@@ -574,7 +574,13 @@ def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         raise ValueError(f"cannot build the model of {folder / 'config.json'}: "
                          f"{type(e).__name__}: {e}") from None
+    from .nn_embedding import attach_embeddings, embeddings_entry, own_storage_layers
+
+    embeddings = embeddings_entry(qcfg)
+    inside_embeddings = own_storage_layers(embeddings)
     for name, entry in qcfg.layers.items():
+        if name in inside_embeddings:
+            continue  # built by attach_embeddings
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -585,6 +591,7 @@ def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
             raise ValueError(f"quantization_config.layers[{name!r}] is {entry.out_features}x"
                              f"{entry.in_features}, but the model's {name} is {old!r}")
         set_module(model, name, entry.build())
+    attach_embeddings(model, embeddings, qcfg.layers, dtype or torch.float32)
     sd = _read_state_dict(folder, files)
     try:
         result = model.load_state_dict(sd, strict=False, assign=True)
@@ -596,7 +603,8 @@ def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu",
     unloaded = [k for k in result.missing_keys if k not in params]
     if unloaded:  # buffers keep their initial values: never load them silently
         raise ValueError(f"checkpoint lacks tensors: {unloaded[:5]}")
-    model.tie_weights()
+    if not embeddings:  # quantized embeddings share their storage already
+        model.tie_weights()
     meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
             if p.is_meta]
     if meta:

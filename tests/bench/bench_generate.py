@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation/baseline dtype (default float16 on CUDA, float32 on CPU)")
     p.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     p.add_argument("--sparsity", type=float, default=0.0)
+    p.add_argument("--embed-bits", type=int, nargs="+", default=[0],
+                   help="for each --bits, also quantize the token embedding (and the tied "
+                        "lm_head) to these bits (0: leave it in the activation dtype)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -55,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default); sqllm's kernels use OpenMP's "
+                        "default, so also set OMP_NUM_THREADS to the same number")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     return p.parse_args(argv)
 
@@ -117,6 +124,8 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     import sqllm
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.quiet:
         import transformers
 
@@ -140,19 +149,23 @@ def main(argv=None) -> int:
     prompt = torch.randint(1, base.config.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
 
     results: Dict[str, Tuple[float, float, int]] = {}
-    variants = ["baseline"] + [f"{b}-bit" for b in args.bits]
+    variants = ["baseline"] + [f"{b}-bit" + (f" + emb {e}-bit" if e else "")
+                               for b in args.bits for e in args.embed_bits]
     for variant in variants:
         model, _ = build_model(args, dtype) if variant != "baseline" else (base, name)
         if variant != "baseline":
             bits = int(variant.split("-")[0])
+            emb = int(variant.split("emb ")[1].split("-")[0]) if "emb" in variant else None
             t0 = time.perf_counter()
             sqllm.quantize(model, method="squeezellm", bits=bits, kmeans="lloyd",
-                           sparsity=args.sparsity, weighted=False, progress=not args.quiet)
+                           sparsity=args.sparsity, weighted=False, progress=not args.quiet,
+                           quantize_embeddings=emb)
             logging.getLogger("bench_generate").info("%s: quantized in %.1f s", variant,
                                                      time.perf_counter() - t0)
         model.to(device).eval()
         rate, first = time_generation(model, prompt, args, device)
         results[variant] = (rate, first, weight_bytes(model))
+        print(f"{variant}: {rate:.1f} tok/s, first token {first * 1e3:.0f} ms", flush=True)
         if variant != "baseline":
             del model
             if device.type == "cuda":
@@ -161,7 +174,8 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n{name}; device {dev_name}; activations {str(dtype).replace('torch.', '')}; "
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
-          f"median of {args.repeats}; sparsity {args.sparsity}\n")
+          f"median of {args.repeats}; sparsity {args.sparsity}; torch threads "
+          f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}\n")
     print("| model | decode tok/s | speed-up | first token (ms) | weights (MB) |")
     print("|---|---|---|---|---|")
     base_rate = results["baseline"][0]

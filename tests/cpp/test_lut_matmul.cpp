@@ -92,7 +92,9 @@ TEST_CASE("every CPU kernel path equals the reference exactly on integer data",
           "[lut_matmul][dispatch]") {
   // Forced paths: the SIMD ones where this CPU has them (the others must refuse).
   // Shapes: batch 1..17 across the 8-row blocking, 64 and 65 (GEMM path), `in` below, at and off the
-  // 8- and 16-code groups, and rows whose last group needs a short load.
+  // 8- and 16-code groups, and rows whose last group needs a short load; at batch 1, `in` at and
+  // past the 64-byte blocks of the word-aligned AVX-512 kernel (128/256/512 codes at 4/2/1 bits),
+  // with 16-code groups and single codes after them, and 21 rows (two OpenMP chunks of 16).
   for (CpuKernel k : {CpuKernel::Scalar, CpuKernel::Avx2, CpuKernel::Avx512}) {
     if (!cpu_supports(k)) {
       std::vector<float> x(8), y(4), t(4 * 8);
@@ -107,7 +109,8 @@ TEST_CASE("every CPU kernel path equals the reference exactly on integer data",
         for (auto shape : {std::vector<std::size_t>{1, 1, 1}, {3, 15, 1}, {5, 16, 2},
                            {7, 17, 4}, {9, 31, 8}, {33, 48, 9}, {6, 129, 16}, {4, 250, 17},
                            {17, 512, 1}, {3, 1000, 5}, {2, 4099, 3}, {70, 37, 64},
-                           {5, 300, 65}}) {
+                           {5, 300, 65}, {3, 128, 1}, {21, 700, 1}, {4, 1037, 1},
+                           {2, 1536, 1}, {3, 255, 1}}) {
           Problem p = integer_problem(shape[0], shape[1], shape[2], bits, axis,
                                       static_cast<unsigned>(bits * 1000 + shape[1] + shape[2]));
           std::vector<float> y(p.batch * p.out, -1.0f);
@@ -126,27 +129,33 @@ TEST_CASE("every CPU kernel path equals the reference exactly on integer data",
 }
 
 TEST_CASE("LUT matmul with a sparse part equals dequantize + CSR", "[lut_matmul][sparse]") {
-  Problem p = integer_problem(9, 70, 4, 3, GroupAxis::Row, 7);
-  // CSR with integer fp16 values (exact in fp16 and in fp32 sums).
-  std::vector<std::int32_t> row_ptr{0}, cols;
-  std::vector<std::uint16_t> vals;
-  std::mt19937 rng(3);
-  for (std::size_t o = 0; o < p.out; ++o) {
-    for (std::int32_t i = 0; i < static_cast<std::int32_t>(p.in); i += 1 + static_cast<int>(rng() % 9)) {
-      cols.push_back(i);
-      vals.push_back(float_to_half_bits(static_cast<float>(static_cast<int>(rng() % 7) - 3)));
+  // 3 bits at batch 4 (the byte-aligned kernels), 4 bits at batch 1 with in=300 (the
+  // word-aligned AVX-512 kernel: two 128-code blocks, then groups and a tail).
+  for (auto prob : {std::vector<std::size_t>{9, 70, 4, 3}, {9, 300, 1, 4}}) {
+    const int bits = static_cast<int>(prob[3]);
+    Problem p = integer_problem(prob[0], prob[1], prob[2], bits, GroupAxis::Row, 7);
+    // CSR with integer fp16 values (exact in fp16 and in fp32 sums).
+    std::vector<std::int32_t> row_ptr{0}, cols;
+    std::vector<std::uint16_t> vals;
+    std::mt19937 rng(3);
+    for (std::size_t o = 0; o < p.out; ++o) {
+      for (std::int32_t i = 0; i < static_cast<std::int32_t>(p.in);
+           i += 1 + static_cast<int>(rng() % 9)) {
+        cols.push_back(i);
+        vals.push_back(float_to_half_bits(static_cast<float>(static_cast<int>(rng() % 7) - 3)));
+      }
+      row_ptr.push_back(static_cast<std::int32_t>(cols.size()));
     }
-    row_ptr.push_back(static_cast<std::int32_t>(cols.size()));
-  }
-  CsrView csr{row_ptr.data(), cols.data(), vals.data(), vals.size()};
-  std::vector<double> ref(p.batch * p.out);
-  reference::lut_matmul(p.view(&csr), p.x.data(), p.batch, ref.data());
-  for (CpuKernel k : {CpuKernel::Scalar, CpuKernel::Avx2, CpuKernel::Avx512}) {
-    if (!cpu_supports(k)) continue;
-    INFO("kernel=" << to_string(k));
-    std::vector<float> y(p.batch * p.out);
-    lut_matmul(p.view(&csr), p.x.data(), p.batch, y.data(), 0, false, k);
-    for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(static_cast<double>(y[i]) == ref[i]);
+    CsrView csr{row_ptr.data(), cols.data(), vals.data(), vals.size()};
+    std::vector<double> ref(p.batch * p.out);
+    reference::lut_matmul(p.view(&csr), p.x.data(), p.batch, ref.data());
+    for (CpuKernel k : {CpuKernel::Scalar, CpuKernel::Avx2, CpuKernel::Avx512}) {
+      if (!cpu_supports(k)) continue;
+      INFO("kernel=" << to_string(k) << " bits=" << bits << " batch=" << p.batch);
+      std::vector<float> y(p.batch * p.out);
+      lut_matmul(p.view(&csr), p.x.data(), p.batch, y.data(), 0, false, k);
+      for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(static_cast<double>(y[i]) == ref[i]);
+    }
   }
 }
 
