@@ -18,6 +18,7 @@ void init_kmeans(py::module_& m);
 void init_quant(py::module_& m);
 void init_gptq(py::module_& m);
 void init_vq(py::module_& m);     // vector k-means, VPTQ, the VQ format   // uniform format, GPTQ, 1..32-bit packing
+void init_glut(py::module_& m);  // grouped lookup tables (glut format)
 void init_cuda(py::module_& m);  // always defined; reports has_cuda() == False without nvcc
 
 /// A C-contiguous array of T, converting (copying) only when needed.  Raises

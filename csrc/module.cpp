@@ -27,5 +27,6 @@ PYBIND11_MODULE(_C, m) {
   sqllm::bind::init_quant(m);
   sqllm::bind::init_gptq(m);
   sqllm::bind::init_vq(m);
+  sqllm::bind::init_glut(m);
   sqllm::bind::init_cuda(m);
 }

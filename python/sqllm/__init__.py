@@ -32,11 +32,14 @@ from .nn_uniform import UniformQuantLinear
 from .gptq import GptqResult, gptq_quantize
 from .nn_vq import VQQuantLinear
 from .vptq import vptq_quantize
+from .nn_glut import GlutQuantLinear
+from .glut import glut_quantize
 
 __all__ = [
     "CalibrationConfig",
     "FORMATS",
     "FORMAT_VERSION",
+    "GlutQuantLinear",
     "GptqResult",
     "LayerFormat",
     "METHODS",
@@ -49,6 +52,7 @@ __all__ = [
     "find_linear_layers",
     "fisher_diagonal",
     "get_method",
+    "glut_quantize",
     "gptq_quantize",
     "vptq_quantize",
     "has_cuda",
