@@ -14,6 +14,7 @@ rounded costs.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from typing import Dict, List, Sequence, Tuple
@@ -23,6 +24,10 @@ import numpy as np
 __all__ = ["solve_mckp", "measure_glut_errors", "allocate_glut"]
 
 log = logging.getLogger(__name__)
+
+#: Measured errors by (SHA-1 of the weight and sensitivity, shape, kmeans, bits,
+#: group_size): a process reuses them across budgets (a few floats per layer).
+_MEASURED: Dict[tuple, float] = {}
 
 
 def solve_mckp(costs: Sequence[Sequence[int]], errors: Sequence[Sequence[float]],
@@ -105,11 +110,17 @@ def measure_glut_errors(weights: Dict[str, np.ndarray], fisher: Dict[str, np.nda
         w = np.ascontiguousarray(weights[name], dtype=np.float32)
         f = fisher.get(name)
         f = None if f is None else np.ascontiguousarray(f, dtype=np.float32)
+        digest = hashlib.sha1(w.tobytes())
+        digest.update(b"-" if f is None else f.tobytes())
+        key0 = (digest.hexdigest(), w.shape, kmeans)
         costs, errs = [], []
         for bits, g in candidates:
-            r = _C.glut_quantize(w, f, int(bits), int(g), kmeans)
+            key = key0 + (int(bits), int(g))
+            if key not in _MEASURED:
+                r = _C.glut_quantize(w, f, int(bits), int(g), kmeans)
+                _MEASURED[key] = float(np.sum(r["sse"]))
             costs.append(glut_storage_bits(w.shape[0], w.shape[1], bits, g))
-            errs.append(float(np.sum(r["sse"])))
+            errs.append(_MEASURED[key])
         out[name] = (costs, errs)
     return out
 
