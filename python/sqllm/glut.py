@@ -112,10 +112,10 @@ class GLUT(QuantMethod):
     stats = ("fisher", "hessian")
 
     bits: float = 4
-    group_size: int = 128
+    group_size: int = 256
     allocate: bool = False
     candidate_bits: List[int] = dataclasses.field(default_factory=lambda: [2, 3, 4, 5])
-    candidate_groups: List[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])
+    candidate_groups: List[int] = dataclasses.field(default_factory=lambda: [128, 256, 576])
     kmeans: str = "exact"
     weighted: bool = True
     gptq: bool = True

@@ -27,6 +27,7 @@ that reproduces it).
 Usage:
     python tests/bench/bench_vs_llamacpp.py sqllm --configs b3.5 b4.1 g3r
     python tests/bench/bench_vs_llamacpp.py llamacpp --types IQ4_NL Q4_0 --bin /path/to/llama.cpp/build/bin
+    python tests/bench/bench_vs_llamacpp.py tables     # the cost of the compact tables
     python tests/bench/bench_vs_llamacpp.py plot
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ CONFIGS: Dict[str, tuple] = {
 for _b in ("2.5", "3.0", "3.25", "3.5", "3.75", "3.9", "4.1", "4.2", "4.45", "5.0", "5.5"):
     CONFIGS[f"b{_b}"] = (f"glut budget {_b} b/w", dict(bits=float(_b), allocate=True))
 
-CANDIDATE_BITS = [2, 3, 4, 5]
+CANDIDATE_BITS = [3, 4, 5]
 CANDIDATE_GROUPS = [288, 576]
 
 LLAMA_TYPES = ["Q4_K_M", "IQ4_NL", "Q3_K_M", "Q4_0", "Q3_K_S", "IQ3_XXS", "IQ2_XS"]
@@ -78,19 +79,25 @@ def load_results(path: Path) -> List[Dict[str, Any]]:
 
 
 def add_result(path: Path, entry: Dict[str, Any]) -> None:
-    res = [r for r in load_results(path) if r["name"] != entry["name"]]
+    """Add (or update) a point; perplexities of texts not measured now are kept."""
+    res = load_results(path)
+    old = [r for r in res if r["name"] == entry["name"]]
+    if old:
+        entry = {**old[0], **entry, "ppl": {**old[0].get("ppl", {}), **entry["ppl"]}}
+    res = [r for r in res if r["name"] != entry["name"]]
     res.append(entry)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, path)
 
 
-def eval_texts(model, tok, eval_tokens: int, progress: bool) -> Dict[str, float]:
+def eval_texts(model, tok, eval_tokens: int, progress: bool, texts=None) -> Dict[str, float]:
     from sqllm.data import load_text, tokenize_text
     from sqllm.evaluate import perplexity
 
     out = {}
-    for key, src in TEXTS.items():
+    for key in texts or TEXTS:
+        src = TEXTS[key]
         ids = tokenize_text(tok, load_text(src))
         out[key] = perplexity(model, ids, seqlen=512, max_tokens=eval_tokens, progress=progress).ppl
     return out
@@ -117,7 +124,7 @@ def run_sqllm(args) -> None:
         torch.save(fisher, fpath)
         _log(f"Fisher diagonal: {time.perf_counter() - t0:.0f} s")
     if args.fp32:
-        ppl = eval_texts(model, tok, args.eval_tokens, progress)
+        ppl = eval_texts(model, tok, args.eval_tokens, progress, args.texts)
         add_result(Path(args.results), dict(name="fp32", family="fp32", label="fp32", bpw=32.0,
                                             ppl=ppl, command="bench_vs_llamacpp.py sqllm --fp32"))
         _log(f"fp32: {ppl}")
@@ -136,7 +143,7 @@ def run_sqllm(args) -> None:
             bpw = saved_bits_per_weight(folder)
             layers = json.loads((folder / "config.json").read_text())["quantization_config"]["layers"]
             del q
-            ppl = eval_texts(sqllm.load_quantized(folder), tok, args.eval_tokens, progress)
+            ppl = eval_texts(sqllm.load_quantized(folder), tok, args.eval_tokens, progress, args.texts)
         mix: Dict[str, int] = {}
         for ent in layers.values():
             p = ent.get("params", ent)
@@ -147,6 +154,39 @@ def run_sqllm(args) -> None:
                      command=f"python tests/bench/bench_vs_llamacpp.py sqllm --configs {key}")
         add_result(Path(args.results), entry)
         _log(f"{label}: {bpw:.3f} bits/weight, ppl {ppl}, {dt:.0f} s, layers {mix}")
+
+
+def run_tables(args) -> None:
+    """What the compact tables cost: the Fisher-weighted error of every decoder Linear
+    with 8-bit entries + fp16 scale/offset against the same k-means with float
+    tables (fp32 centroids; an fp16 table differs from them by ~2^-11 relative),
+    summed over the model, per (bits, group size)."""
+    from sqllm import _C
+    from sqllm.calibration import find_linear_layers
+    from sqllm.models import load_model
+    from sqllm.nn_glut import glut_storage_bits
+
+    model, _ = load_model(None)
+    fpath = Path(args.cache) / f"fisher_emma_{args.nsamples}x{args.seqlen}.pt"
+    fisher = torch.load(fpath)  # written by the `sqllm` subcommand
+    layers = find_linear_layers(model, exclude=("lm_head",))
+    print("| bits | group | bits/weight compact | bits/weight fp16 tables | error compact / float |")
+    print("|---|---|---|---|---|")
+    for bits in (2, 3, 4, 5):
+        for g in (144, 288, 576):
+            e_c = e_f = 0.0
+            nb_c = nb_h = n = 0
+            for name, lin in layers.items():
+                w = lin.weight.detach().float().numpy()
+                r = _C.glut_quantize(w, fisher[name].float().numpy(), bits, g)
+                e_c += float(r["sse"].sum())
+                e_f += float(r["sse_float"].sum())
+                o, i = w.shape
+                nb_c += glut_storage_bits(o, i, bits, g)
+                nb_h += glut_storage_bits(o, i, bits, g) - o * (-(-i // g)) * (8 * (1 << bits) + 32) \
+                    + o * (-(-i // g)) * 16 * (1 << bits)
+                n += w.size
+            print(f"| {bits} | {g} | {nb_c / n:.3f} | {nb_h / n:.3f} | {e_c / e_f:.4f} |", flush=True)
 
 
 # ---- llama.cpp ---------------------------------------------------------------
@@ -223,11 +263,12 @@ def run_llamacpp(args) -> None:
         cmd = [str(bindir / "llama-quantize"), "--imatrix", str(imat), "--token-embedding-type",
                "f32", "--output-tensor-type", "f32", str(f32), str(qpath), typ, str(args.threads)]
         _log(" ".join(cmd))
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not qpath.is_file():
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         bpw = gguf_proj_bits(qpath)
         # read back: the dequantized tensors into the transformers model (sqllm's GGUF loader)
         m, _ = load_model(str(qpath))
-        ppl = eval_texts(m, tok, args.eval_tokens, progress)
+        ppl = eval_texts(m, tok, args.eval_tokens, progress, args.texts)
         entry = dict(name=f"llama.cpp:{typ}", family="llama.cpp", label=f"llama.cpp {typ} + imatrix",
                      bpw=bpw, ppl=ppl,
                      command=f"python tests/bench/bench_vs_llamacpp.py llamacpp --types {typ} "
@@ -317,6 +358,7 @@ def main(argv=None) -> int:
     common.add_argument("--nsamples", type=int, default=32)
     common.add_argument("--seqlen", type=int, default=512)
     common.add_argument("--eval-tokens", type=int, default=16384)
+    common.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
     common.add_argument("-q", "--quiet", action="store_true")
     s = sub.add_parser("sqllm", parents=[common])
     s.add_argument("--configs", nargs="*", default=[], choices=list(CONFIGS))
@@ -325,12 +367,14 @@ def main(argv=None) -> int:
     l.add_argument("--types", nargs="+", default=LLAMA_TYPES)
     l.add_argument("--bin", default="/work/peer/llama.cpp/build/bin")
     l.add_argument("--threads", type=int, default=2)
+    sub.add_parser("tables", parents=[common])
     p = sub.add_parser("plot", parents=[common])
     p.add_argument("--figure", default=str(ROOT / "docs" / "quality_vs_llamacpp.png"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    {"sqllm": run_sqllm, "llamacpp": run_llamacpp, "plot": run_plot}[args.cmd](args)
+    {"sqllm": run_sqllm, "llamacpp": run_llamacpp, "tables": run_tables,
+     "plot": run_plot}[args.cmd](args)
     return 0
 
 
