@@ -142,7 +142,8 @@ void init_glut(py::module_& m) {
       [](const carray<float>& weight, const carray<double>& hessian,
          std::optional<carray<float>> sensitivity, int bits, int group_size,
          const std::string& kmeans, bool act_order, int blocksize, double percdamp, bool refit,
-         int num_threads) {
+         int num_threads, int rounds) {
+        SQLLM_CHECK(rounds >= 1, "glut: rounds must be >= 1, got ", rounds);
         const GlutParams p = glut_params(bits, group_size, kmeans, 50, num_threads);
         check_ndim(weight, 2, "weight");
         check_ndim(hessian, 2, "hessian");
@@ -167,6 +168,13 @@ void init_glut(py::module_& m) {
           o.sse = nullptr;
           o.sse_float = nullptr;
           r = glut_gptq(weight.data(), hessian.data(), out, in, p, gp, refit, o);
+          // further rounds: GPTQ again from the refit tables, refit again (a row's
+          // refit is kept only when it lowers its proxy error)
+          for (int k = 1; k < rounds && refit; ++k) {
+            const GlutGptqResult rk = glut_gptq(weight.data(), hessian.data(), out, in, p, gp, refit, o);
+            r.proxy_error = rk.proxy_error;
+            r.rows_refit = rk.rows_refit;
+          }
         }
         py::dict d = a.dict();
         d.attr("pop")("sse");
@@ -179,11 +187,12 @@ void init_glut(py::module_& m) {
       py::arg("weight"), py::arg("hessian"), py::arg("sensitivity") = py::none(), py::arg("bits") = 4,
       py::arg("group_size") = 128, py::arg("kmeans") = "exact", py::arg("act_order") = false,
       py::arg("blocksize") = 128, py::arg("percdamp") = 0.01, py::arg("refit") = true,
-      py::arg("num_threads") = 0,
+      py::arg("num_threads") = 0, py::arg("rounds") = 1,
       "Grouped tables with GPTQ error feedback: tables from the Fisher-weighted k-means\n"
       "(glut_quantize), codes assigned by the GPTQ engine (hessian: float64 [in, in], a positive\n"
       "multiple of X^T X), then each row's tables refit by least squares in the Hessian metric\n"
-      "(refit=True).  Returns glut_quantize's arrays (without sse) and proxy_error_gptq,\n"
+      "(refit=True); rounds > 1 repeats GPTQ + refit from the refit tables.  Returns\n"
+      "glut_quantize's arrays (without sse) and proxy_error_gptq,\n"
       "proxy_error (tr(dW H dW^T) before/after the refit), rows_refit.");
 
   m.def(

@@ -26,8 +26,9 @@ __all__ = ["solve_mckp", "measure_glut_errors", "allocate_glut"]
 log = logging.getLogger(__name__)
 
 #: Measured errors by (SHA-1 of the weight and sensitivity, shape, kmeans, bits,
-#: group_size): a process reuses them across budgets (a few floats per layer).
-_MEASURED: Dict[tuple, float] = {}
+#: group_size): (error with the compact tables, error with the float k-means
+#: tables); a process reuses them across budgets (a few floats per layer).
+_MEASURED: Dict[tuple, Tuple[float, float]] = {}
 
 
 def solve_mckp(costs: Sequence[Sequence[int]], errors: Sequence[Sequence[float]],
@@ -118,9 +119,9 @@ def measure_glut_errors(weights: Dict[str, np.ndarray], fisher: Dict[str, np.nda
             key = key0 + (int(bits), int(g))
             if key not in _MEASURED:
                 r = _C.glut_quantize(w, f, int(bits), int(g), kmeans)
-                _MEASURED[key] = float(np.sum(r["sse"]))
+                _MEASURED[key] = (float(np.sum(r["sse"])), float(np.sum(r["sse_float"])))
             costs.append(glut_storage_bits(w.shape[0], w.shape[1], bits, g))
-            errs.append(_MEASURED[key])
+            errs.append(_MEASURED[key][0])
         out[name] = (costs, errs)
     return out
 

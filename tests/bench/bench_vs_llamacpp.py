@@ -154,6 +154,18 @@ def run_sqllm(args) -> None:
                      command=f"python tests/bench/bench_vs_llamacpp.py sqllm --configs {key}")
         add_result(Path(args.results), entry)
         _log(f"{label}: {bpw:.3f} bits/weight, ppl {ppl}, {dt:.0f} s, layers {mix}")
+    from sqllm.allocate import _MEASURED
+
+    if _MEASURED:  # what the compact tables cost, from the allocation's measurements
+        agg: Dict[tuple, List[float]] = {}
+        for key, (e_c, e_f) in _MEASURED.items():
+            a = agg.setdefault(key[-2:], [0.0, 0.0])
+            a[0] += e_c
+            a[1] += e_f
+        _log("compact (8-bit + fp16 scale/offset) vs float tables, Fisher-weighted error summed "
+             "over the decoder Linears:")
+        for (b, g), (e_c, e_f) in sorted(agg.items()):
+            _log(f"  {b}-bit g{g}: compact/float = {e_c / e_f:.4f}")
 
 
 def run_tables(args) -> None:
