@@ -97,10 +97,15 @@ def solve_mckp(costs: Sequence[Sequence[int]], errors: Sequence[Sequence[float]]
 
 def measure_glut_errors(weights: Dict[str, np.ndarray], fisher: Dict[str, np.ndarray],
                         candidates: Sequence[Tuple[int, int]], kmeans: str = "exact",
-                        progress: bool = False) -> Dict[str, Tuple[List[int], List[float]]]:
+                        progress: bool = False,
+                        max_rows: int = 0) -> Dict[str, Tuple[List[int], List[float]]]:
     """name -> (costs, errors) over ``candidates`` ((bits, group_size) pairs): the
     stored bits of the layer in the glut format and the Fisher-weighted squared
-    error Σ F (W - Ŵ)² of the layer quantized by the grouped k-means."""
+    error Σ F (W - Ŵ)² of the layer quantized by the grouped k-means.
+
+    ``max_rows > 0``: the error is measured on every s-th row (s = ceil(out /
+    max_rows); tables are per row, so a row's error does not depend on the
+    others) and scaled by out / rows measured -- an estimate; costs are exact."""
     from tqdm.auto import tqdm
 
     from . import _C
@@ -108,9 +113,12 @@ def measure_glut_errors(weights: Dict[str, np.ndarray], fisher: Dict[str, np.nda
 
     out: Dict[str, Tuple[List[int], List[float]]] = {}
     for name in tqdm(list(weights), desc="glut sensitivity", unit="layer", disable=not progress):
-        w = np.ascontiguousarray(weights[name], dtype=np.float32)
+        w_full = np.asarray(weights[name], dtype=np.float32)
         f = fisher.get(name)
-        f = None if f is None else np.ascontiguousarray(f, dtype=np.float32)
+        stride = max(1, -(-w_full.shape[0] // max_rows)) if max_rows > 0 else 1
+        w = np.ascontiguousarray(w_full[::stride])
+        f = None if f is None else np.ascontiguousarray(np.asarray(f, dtype=np.float32)[::stride])
+        scale = w_full.shape[0] / w.shape[0]
         digest = hashlib.sha1(w.tobytes())
         digest.update(b"-" if f is None else f.tobytes())
         key0 = (digest.hexdigest(), w.shape, kmeans)
@@ -120,8 +128,8 @@ def measure_glut_errors(weights: Dict[str, np.ndarray], fisher: Dict[str, np.nda
             if key not in _MEASURED:
                 r = _C.glut_quantize(w, f, int(bits), int(g), kmeans)
                 _MEASURED[key] = (float(np.sum(r["sse"])), float(np.sum(r["sse_float"])))
-            costs.append(glut_storage_bits(w.shape[0], w.shape[1], bits, g))
-            errs.append(_MEASURED[key][0])
+            costs.append(glut_storage_bits(w_full.shape[0], w_full.shape[1], bits, g))
+            errs.append(_MEASURED[key][0] * scale)
         out[name] = (costs, errs)
     return out
 
@@ -129,12 +137,12 @@ def measure_glut_errors(weights: Dict[str, np.ndarray], fisher: Dict[str, np.nda
 def allocate_glut(weights: Dict[str, np.ndarray], fisher: Dict[str, np.ndarray],
                   budget_bits_per_weight: float, candidates: Sequence[Tuple[int, int]],
                   kmeans: str = "exact", resolution: int = 100_000,
-                  progress: bool = False) -> Dict[str, Tuple[int, int]]:
+                  progress: bool = False, max_rows: int = 0) -> Dict[str, Tuple[int, int]]:
     """The per-layer (bits, group_size) minimising the summed Fisher-weighted error with
     the stored bits of all layers <= budget_bits_per_weight x their number of weights."""
     names = list(weights)
     n = sum(int(np.asarray(weights[k]).size) for k in names)
-    meas = measure_glut_errors(weights, fisher, candidates, kmeans, progress)
+    meas = measure_glut_errors(weights, fisher, candidates, kmeans, progress, max_rows)
     picks = solve_mckp([meas[k][0] for k in names], [meas[k][1] for k in names],
                        float(budget_bits_per_weight) * n, resolution)
     plan = {k: tuple(int(v) for v in candidates[p]) for k, p in zip(names, picks)}

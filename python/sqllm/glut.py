@@ -107,6 +107,9 @@ class GLUT(QuantMethod):
         GPTQ lazy-update block.
     percdamp : float
         GPTQ damping (fraction of the mean Hessian diagonal).
+    sensitivity_rows : int
+        Budget mode: measure each layer's error on at most this many rows (every
+        s-th row, scaled up; 0: all rows).
     """
 
     name = "glut"
@@ -125,6 +128,7 @@ class GLUT(QuantMethod):
     act_order: bool = True
     blocksize: int = 128
     percdamp: float = 0.01
+    sensitivity_rows: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float, np.integer,
@@ -209,7 +213,7 @@ class GLUT(QuantMethod):
         fis = {n: fisher[n].detach().to("cpu", torch.float32).numpy() for n in layers}
         cands = [(b, g) for b in self.candidate_bits for g in self.candidate_groups]
         self._plan = allocate_glut(weights, fis, float(self.bits), cands, self.kmeans,
-                                   progress=progress)
+                                   progress=progress, max_rows=int(self.sensitivity_rows))
 
     def layer_choice(self, name: str) -> Tuple[int, int]:
         if self.budget_mode:

@@ -60,11 +60,12 @@ CONFIGS: Dict[str, tuple] = {
     "g3r_nofb": ("glut 3-bit g576, no feedback", dict(bits=3, group_size=576, gptq=False)),
     "g4r_nofb": ("glut 4-bit g576, no feedback", dict(bits=4, group_size=576, gptq=False)),
 }
-for _b in ("2.5", "3.0", "3.25", "3.5", "3.75", "3.9", "4.1", "4.2", "4.45", "5.0", "5.5"):
+for _b in ("3.5", "3.75", "3.95", "4.1", "4.2", "4.45", "5.0", "5.5"):
     CONFIGS[f"b{_b}"] = (f"glut budget {_b} b/w", dict(bits=float(_b), allocate=True))
 
 CANDIDATE_BITS = [3, 4, 5]
 CANDIDATE_GROUPS = [288, 576]
+SENSITIVITY_ROWS = 128  # the allocation's errors measured on every s-th row (<= 128 rows)
 
 LLAMA_TYPES = ["Q4_K_M", "IQ4_NL", "Q3_K_M", "Q4_0", "Q3_K_S", "IQ3_XXS", "IQ2_XS"]
 PROJ = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -132,7 +133,8 @@ def run_sqllm(args) -> None:
         label, opts = CONFIGS[key]
         opts = dict(opts)
         if opts.get("allocate"):
-            opts.update(candidate_bits=CANDIDATE_BITS, candidate_groups=CANDIDATE_GROUPS)
+            opts.update(candidate_bits=CANDIDATE_BITS, candidate_groups=CANDIDATE_GROUPS,
+                        sensitivity_rows=SENSITIVITY_ROWS)
         q = copy.deepcopy(model)
         t0 = time.perf_counter()
         sqllm.quantize(q, method="glut", calibration=calib, sensitivity=dict(fisher),

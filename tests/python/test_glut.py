@@ -313,3 +313,23 @@ def test_budget_method_on_a_tiny_model(calib_ids, tmp_path):
     with pytest.raises(ValueError, match="must be non-empty"):
         GLUT(bits=2.5, candidate_bits=[])
     assert GLUT(bits=4).budget_mode is False and GLUT(bits=4, allocate=True).budget_mode
+
+
+def test_sensitivity_on_sampled_rows():
+    from sqllm.allocate import measure_glut_errors
+
+    rng = np.random.default_rng(2)
+    w = {"a": _weights(rng, 50, 40), "b": _weights(rng, 7, 40)}
+    f = {k: rng.random(v.shape).astype(np.float32) for k, v in w.items()}
+    cands = [(2, 8), (3, 40)]
+    full = measure_glut_errors(w, f, cands)
+    assert measure_glut_errors(w, f, cands, max_rows=50) == full
+    part = measure_glut_errors(w, f, cands, max_rows=10)  # every 5th row of "a", x 5
+    assert part["a"][0] == full["a"][0] and part["b"] == measure_glut_errors(
+        {"b": w["b"]}, {"b": f["b"]}, cands, max_rows=10)["b"]
+    for k, (bits, g) in enumerate(cands):
+        r = _C.glut_quantize(np.ascontiguousarray(w["a"][::5]), np.ascontiguousarray(f["a"][::5]),
+                             bits, g)
+        np.testing.assert_allclose(part["a"][1][k], 5 * r["sse"].sum(), rtol=1e-12)
+        r = _C.glut_quantize(w["a"], f["a"], bits, g)
+        np.testing.assert_allclose(full["a"][1][k], r["sse"].sum(), rtol=1e-12)
