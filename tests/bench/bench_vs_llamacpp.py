@@ -145,17 +145,19 @@ def run_sqllm(args) -> None:
             bpw = saved_bits_per_weight(folder)
             layers = json.loads((folder / "config.json").read_text())["quantization_config"]["layers"]
             del q
-            ppl = eval_texts(sqllm.load_quantized(folder), tok, args.eval_tokens, progress, args.texts)
-        mix: Dict[str, int] = {}
-        for ent in layers.values():
-            p = ent.get("params", ent)
-            k = f"{p['bits']}b/g{p['group_size']}"
-            mix[k] = mix.get(k, 0) + 1
-        entry = dict(name=f"sqllm:{key}", family="sqllm", label=label, bpw=bpw, ppl=ppl,
-                     quantize_s=round(dt, 1), layers=mix,
-                     command=f"python tests/bench/bench_vs_llamacpp.py sqllm --configs {key}")
-        add_result(Path(args.results), entry)
-        _log(f"{label}: {bpw:.3f} bits/weight, ppl {ppl}, {dt:.0f} s, layers {mix}")
+            mix: Dict[str, int] = {}
+            for ent in layers.values():
+                p = ent.get("params", ent)
+                k = f"{p['bits']}b/g{p['group_size']}"
+                mix[k] = mix.get(k, 0) + 1
+            loaded = sqllm.load_quantized(folder)
+            for text in args.texts:  # a result per text as soon as it is measured
+                ppl = eval_texts(loaded, tok, args.eval_tokens, progress, [text])
+                entry = dict(name=f"sqllm:{key}", family="sqllm", label=label, bpw=bpw, ppl=ppl,
+                             quantize_s=round(dt, 1), layers=mix,
+                             command=f"python tests/bench/bench_vs_llamacpp.py sqllm --configs {key}")
+                add_result(Path(args.results), entry)
+                _log(f"{label}: {bpw:.3f} bits/weight, ppl {ppl}, {dt:.0f} s, layers {mix}")
     from sqllm.allocate import _MEASURED
 
     if _MEASURED:  # what the compact tables cost, from the allocation's measurements
