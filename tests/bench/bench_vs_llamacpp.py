@@ -28,6 +28,7 @@ Usage:
     python tests/bench/bench_vs_llamacpp.py sqllm --configs b3.5 b4.1 g3r
     python tests/bench/bench_vs_llamacpp.py llamacpp --types IQ4_NL Q4_0 --bin /path/to/llama.cpp/build/bin
     python tests/bench/bench_vs_llamacpp.py tables     # the cost of the compact tables
+    python tests/bench/bench_vs_llamacpp.py proxy      # feedback/refit on a synthetic layer
     python tests/bench/bench_vs_llamacpp.py plot
 """
 from __future__ import annotations
@@ -203,6 +204,38 @@ def run_tables(args) -> None:
                     + o * (-(-i // g)) * 16 * (1 << bits)
                 n += w.size
             print(f"| {bits} | {g} | {nb_c / n:.3f} | {nb_h / n:.3f} | {e_c / e_f:.4f} |", flush=True)
+
+
+def run_proxy(args) -> None:
+    """Proxy error tr(dW H dW^T) of one synthetic layer (192 x 576, inputs with
+    log-normal feature scales and correlations, H = 2 X^T X / n, Fisher ~ diag H):
+    grouped k-means alone, + GPTQ feedback, + refit, + act-order; and the
+    Fisher-weighted error of the compact tables against float tables."""
+    from sqllm import _C
+
+    rng = np.random.default_rng(0)
+    out, inn = 192, 576
+    w = (rng.standard_normal((out, inn)) * 0.05).astype(np.float32)
+    sc = np.exp(rng.standard_normal(inn))
+    A = rng.standard_normal((inn, inn)) * 0.05 + np.eye(inn)
+    X = (rng.standard_normal((4096, inn)) @ A) * sc
+    H = 2 * X.T @ X / 4096
+    f = np.ascontiguousarray(np.broadcast_to(np.diag(H)[None, :], (out, inn))).astype(np.float32)
+
+    def proxy(r, b, g):
+        q = _C.glut_dequantize(r["qweight"], r["tables"], r["scales"], r["offsets"], b, g, inn)
+        d = (w - q).astype(np.float64)
+        return float(np.einsum("ij,jk,ik->", d, H, d))
+
+    print("| bits | group | k-means only | + GPTQ | + GPTQ + refit | + act-order | compact/float (Fisher err) |")
+    print("|---|---|---|---|---|---|---|")
+    for b, g in ((3, 576), (3, 288), (4, 576), (4, 288)):
+        r0 = _C.glut_quantize(w, f, b, g)
+        e = [proxy(r0, b, g)]
+        for ao, refit in ((False, False), (False, True), (True, True)):
+            e.append(proxy(_C.glut_gptq(w, H, f, b, g, "exact", ao, 128, 0.01, refit), b, g))
+        print(f"| {b} | {g} | " + " | ".join(f"{x:.2f}" for x in e) +
+              f" | {r0['sse'].sum() / r0['sse_float'].sum():.4f} |")
 
 
 # ---- llama.cpp ---------------------------------------------------------------
@@ -384,13 +417,14 @@ def main(argv=None) -> int:
     l.add_argument("--bin", default="/work/peer/llama.cpp/build/bin")
     l.add_argument("--threads", type=int, default=2)
     sub.add_parser("tables", parents=[common])
+    sub.add_parser("proxy", parents=[common])
     p = sub.add_parser("plot", parents=[common])
     p.add_argument("--figure", default=str(ROOT / "docs" / "quality_vs_llamacpp.png"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     {"sqllm": run_sqllm, "llamacpp": run_llamacpp, "tables": run_tables,
-     "plot": run_plot}[args.cmd](args)
+     "proxy": run_proxy, "plot": run_plot}[args.cmd](args)
     return 0
 
 
