@@ -326,6 +326,30 @@ def run_llamacpp(args) -> None:
         _log(f"llama.cpp {typ}: {bpw:.3f} bits/weight, ppl {ppl}")
 
 
+# Points measured earlier with the same protocol on Persuasion: llama.cpp's from
+# the table of issue #14 (F32 GGUF, imatrix on Emma, dequantized back into the
+# transformers model, sqllm's evaluator), sqllm's lut format from the
+# "SqueezeLLM with GPTQ error feedback" section above (bench_quality.py).
+EARLIER = [
+    ("issue14:Q4_K_M", "llama.cpp", "llama.cpp Q4_K_M + imatrix (issue #14)", 5.53, 37.90),
+    ("issue14:IQ4_NL", "llama.cpp", "llama.cpp IQ4_NL + imatrix (issue #14)", 4.50, 39.40),
+    ("issue14:Q3_K_M", "llama.cpp", "llama.cpp Q3_K_M + imatrix (issue #14)", 4.63, 39.60),
+    ("issue14:Q4_0", "llama.cpp", "llama.cpp Q4_0 + imatrix (issue #14)", 4.51, 39.89),
+    ("issue14:Q3_K_S", "llama.cpp", "llama.cpp Q3_K_S + imatrix (issue #14)", 4.23, 41.88),
+    ("issue14:IQ3_XXS", "llama.cpp", "llama.cpp IQ3_XXS + imatrix (issue #14)", 4.14, 43.70),
+    ("issue14:IQ2_XS", "llama.cpp", "llama.cpp IQ2_XS + imatrix (issue #14)", 3.96, 50.96),
+    ("lut:sqgptq4", "sqllm", "SqueezeLLM 4-bit + GPTQ, lut format (bench_quality.py)", 4.797, 38.88),
+    ("lut:sqgptq3", "sqllm", "SqueezeLLM 3-bit + GPTQ, lut format (bench_quality.py)", 3.422, 47.44),
+]
+
+
+def run_earlier(args) -> None:
+    for name, fam, label, bpw, ppl in EARLIER:
+        add_result(Path(args.results), dict(name=name, family=fam, label=label, bpw=bpw,
+                                            ppl={"persuasion": ppl},
+                                            command="earlier measurement (see label)"))
+
+
 # ---- figure and table ----------------------------------------------------------
 
 def dominance(res: List[Dict[str, Any]], text: str) -> Dict[str, str]:
@@ -418,13 +442,14 @@ def main(argv=None) -> int:
     l.add_argument("--threads", type=int, default=2)
     sub.add_parser("tables", parents=[common])
     sub.add_parser("proxy", parents=[common])
+    sub.add_parser("earlier", parents=[common])
     p = sub.add_parser("plot", parents=[common])
     p.add_argument("--figure", default=str(ROOT / "docs" / "quality_vs_llamacpp.png"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     {"sqllm": run_sqllm, "llamacpp": run_llamacpp, "tables": run_tables,
-     "proxy": run_proxy, "plot": run_plot}[args.cmd](args)
+     "proxy": run_proxy, "earlier": run_earlier, "plot": run_plot}[args.cmd](args)
     return 0
 
 
