@@ -390,10 +390,15 @@ def run_plot(args) -> None:
                     if r["ppl"][text] < best:
                         front.append(r)
                         best = r["ppl"][text]
-                ax.plot([r["bpw"] for r in front], [r["ppl"][text] for r in front], "-",
-                        color="C0", alpha=0.6)
+                # the staircase: everything above-right of it is dominated
+                xs = [r["bpw"] for r in front] + [6.0]
+                ys = [r["ppl"][text] for r in front] + [front[-1]["ppl"][text]]
+                ax.plot(xs, ys, drawstyle="steps-post", color="C0", alpha=0.6)
                 ax.scatter([r["bpw"] for r in pts], [r["ppl"][text] for r in pts], color="C0",
-                           label="sqllm glut", zorder=3)
+                           label="sqllm", zorder=3)
+                for r in pts:
+                    ax.annotate(r["name"].split(":")[1], (r["bpw"], r["ppl"][text]), fontsize=7,
+                                xytext=(4, -9), textcoords="offset points", color="C0")
             else:
                 ax.scatter([r["bpw"] for r in pts], [r["ppl"][text] for r in pts], color="C3",
                            marker="s", label="llama.cpp + imatrix", zorder=3)
