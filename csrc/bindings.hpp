@@ -17,8 +17,9 @@ namespace py = pybind11;
 void init_kmeans(py::module_& m);
 void init_quant(py::module_& m);
 void init_gptq(py::module_& m);
-void init_vq(py::module_& m);     // vector k-means, VPTQ, the VQ format   // uniform format, GPTQ, 1..32-bit packing
+void init_vq(py::module_& m);     // vector k-means, VPTQ, the VQ format
 void init_ptq161(py::module_& m);  // the PTQ1.61 format's matmul/dequantize
+void init_glut(py::module_& m);  // grouped lookup tables (glut format)
 void init_cuda(py::module_& m);  // always defined; reports has_cuda() == False without nvcc
 void init_vq_cuda(py::module_& m);  // the CUDA VQ kernels (registers nothing without CUDA)
 

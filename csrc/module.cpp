@@ -28,6 +28,7 @@ PYBIND11_MODULE(_C, m) {
   sqllm::bind::init_gptq(m);
   sqllm::bind::init_vq(m);
   sqllm::bind::init_ptq161(m);
+  sqllm::bind::init_glut(m);
   sqllm::bind::init_cuda(m);
   sqllm::bind::init_vq_cuda(m);
 }

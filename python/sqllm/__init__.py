@@ -34,11 +34,14 @@ from .nn_vq import VQQuantLinear
 from .vptq import vptq_quantize
 from .nn_ptq161 import PTQ161QuantLinear
 from . import ptq161 as _ptq161  # registers the "ptq161" method
+from .nn_glut import GlutQuantLinear
+from .glut import glut_quantize
 
 __all__ = [
     "CalibrationConfig",
     "FORMATS",
     "FORMAT_VERSION",
+    "GlutQuantLinear",
     "GptqResult",
     "LayerFormat",
     "METHODS",
@@ -51,6 +54,7 @@ __all__ = [
     "find_linear_layers",
     "fisher_diagonal",
     "get_method",
+    "glut_quantize",
     "gptq_quantize",
     "vptq_quantize",
     "has_cuda",

@@ -287,6 +287,10 @@ def _quantize(model: nn.Module, qm: Any, method: str, bits: Any, layers: Dict[st
     batches = (_calibration_batches(calibration, tokenizer, nsamples, seqlen, seed, model)
                if needs_data else None)
 
+    prepare = getattr(qm, "prepare", None)
+    if prepare is not None:  # e.g. glut's bit allocation over all layers
+        prepare(model, layers, stats, batches, progress)
+
     writer = None
     main = dist_ctx is None or dist_ctx.rank == 0
     progress_ck = None

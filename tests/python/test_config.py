@@ -103,7 +103,7 @@ _Q = "model.layers.0.self_attn.q_proj"
 
 
 @pytest.mark.parametrize("path,value,message", [
-    (("method",), "vptq-nope", r"unknown method 'vptq-nope'; this sqllm knows \['gptq', .*'rtn', 'squeezellm'"),
+    (("method",), "vptq-nope", r"unknown method 'vptq-nope'; this sqllm knows \[.*'gptq', .*'rtn', 'squeezellm'"),
     (("method",), _DELETE, r"quantization_config lacks the key 'method'"),
     (("layers",), _DELETE, r"lacks the key 'layers'"),
     (("layers",), [], r"quantization_config.layers must be an object, got list"),
