@@ -42,6 +42,7 @@ __all__ = [
     "FORMATS",
     "FORMAT_VERSION",
     "GlutQuantLinear",
+    "PTQ161QuantLinear",
     "GptqResult",
     "LayerFormat",
     "METHODS",
