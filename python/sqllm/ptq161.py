@@ -182,21 +182,29 @@ def find_norm_groups(block: nn.Module, linears: Dict[str, nn.Linear],
                      run: Any) -> List[Tuple[str, List[str]]]:
     """The block's norms whose output feeds Linears directly: ``[(norm name, [linear names])]``,
     found by running the block once (``run(block)``) and matching tensors by identity."""
-    outs: Dict[int, str] = {}
+    # The norm outputs are kept alive for the run: an id() is only unique among live
+    # objects, and a freed output's id can come back as, e.g., the attention output.
+    outs: Dict[int, Tuple[str, torch.Tensor]] = {}
     feeds: Dict[str, List[str]] = {}
     hooks = []
+
+    def norm_of(x: Any) -> str:
+        hit = outs.get(id(x))
+        return hit[0] if hit is not None and hit[1] is x else ""
+
     for n, m in block.named_modules():
         if _is_norm(m):
             hooks.append(m.register_forward_hook(
-                lambda mod, inp, out, n=n: outs.__setitem__(id(out), n)))
+                lambda mod, inp, out, n=n: outs.__setitem__(id(out), (n, out))))
     for n, lin in linears.items():
         hooks.append(lin.register_forward_pre_hook(
-            lambda mod, inp, n=n: feeds.setdefault(outs.get(id(inp[0]), ""), []).append(n)))
+            lambda mod, inp, n=n: feeds.setdefault(norm_of(inp[0]), []).append(n)))
     try:
         run(block)
     finally:
         for h in hooks:
             h.remove()
+        outs.clear()
     return [(k, sorted(set(v), key=list(linears).index)) for k, v in feeds.items() if k]
 
 
