@@ -166,7 +166,9 @@ inline void gptq_inverse_factor_inplace(MatD& A, double percdamp, int num_thread
     A.block(c0, c0, nb, nb).triangularView<Eigen::Lower>() = inv11;
   }
   A.reverseInPlace();  // U = J L^-1 J: the lower triangle of L^-1 becomes the upper one
-  SQLLM_CHECK(A.triangularView<Eigen::Upper>().toDenseMatrix().allFinite(),
+  bool finite = true;  // the upper triangle, without a dense copy of it
+  for (Eigen::Index j = 0; j < n && finite; ++j) finite = A.col(j).head(j + 1).allFinite();
+  SQLLM_CHECK(finite,
               "GPTQ: the inverse Hessian factor is not finite (the Hessian is too "
               "ill-conditioned); raise percdamp (got ", percdamp, ")");
 }
