@@ -236,8 +236,8 @@ def test_cuda_entry_validates_before_touching_the_device():
                 csr_values=0, nnz=0, dtype="float16", precision="fp32", mul_exp=5, mul_man=10,
                 acc_exp=8, acc_man=23, exact=False, stream=0)
     cases = [("bits", 9, r"bits must be in 1\.\.8, got 9 \(x\[1, 64\]"),
-             ("in_features", 0, "in and out must be"),
-             ("codes", 0, r"codes and tables must be device pointers.*codes\[8, 6\] bits=3"),
+             ("in_features", 0, "in_features and out_features must be >= 1"),
+             ("codes", 0, r"codes and tables are required.*codes\[8, 6\] bits=3"),
              ("dtype", "int8", "dtype must be"),
              ("acc_man", 24, "accumulate format")]
     for key, value, match in cases:

@@ -23,13 +23,16 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
+import sqllm
 from sqllm.calib.compensated import CompensatedSum, merge_pairs, two_sum
 from sqllm.distributed import assign_owners, shard_batches
 
 from conftest import make_tiny_llama
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-PYPATH = os.pathsep.join([str(Path(__file__).resolve().parents[2] / "python"),
+# The workers import the same sqllm as this process (the installed package in CI, a
+# source tree with a built module when PYTHONPATH points at one).
+PYPATH = os.pathsep.join([str(Path(sqllm.__file__).resolve().parents[1]),
                           os.environ.get("PYTHONPATH", "")])
 VPTQ_OPTS = {"vector_lens": [-1, 4], "num_centroids": [-1, 64], "kiter": 10}
 METHOD_JOBS = {"squeezellm": {}, "gptq": {}, "vptq": VPTQ_OPTS, "rtn": {}}
@@ -208,6 +211,10 @@ def runs(tmp_path_factory):
                  {"SQLLM_TEST_DIE": f"1:{_victim()}", "SQLLM_TEST_DIE_HOW": "raise"})
     rcs = _wait(ref + two)
     for (tag, rank), rc in zip([("ref", 0), ("two", 0), ("two", 1)], rcs):
+        if rc != 0:  # reap the other runs before failing (no process outlives the fixture)
+            for p in kill + bad:
+                p.kill()
+                p.wait()
         assert rc == 0, f"{tag} rank {rank} failed:\n{_log(root, tag, rank)[-3000:]}"
     kill_rcs = _wait(kill, timeout=120)
     bad_rcs = _wait(bad, timeout=120)
