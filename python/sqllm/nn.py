@@ -180,6 +180,38 @@ class QuantLinearBase(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+    # -- buffers that keep their dtype, caches ----------------------------
+    #: Format buffers a model-wide ``.half()`` / ``.to(dtype)`` must not convert
+    #: (tables, scales, ...): they keep their dtype and only follow the device.
+    _FIXED_DTYPE_BUFFERS: ClassVar[Tuple[str, ...]] = ()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "QuantLinearBase":
+        # .to()/.cuda()/.half() replace the buffers: drop what the cache holds
+        # (it would otherwise keep the old copies alive).
+        self._cache = {}
+        before = {n: self._buffers[n] for n in self._FIXED_DTYPE_BUFFERS
+                  if self._buffers.get(n) is not None}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return out
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = {}  # views and device plans are rebuilt on use
+        return state
+
+    def _check_buffer_specs(self, expect: Dict[str, Tuple[Tuple[int, ...], torch.dtype]]) -> None:
+        """ValueError naming the first buffer whose shape or dtype is not ``expect[name]``."""
+        for name, (shape, dtype) in expect.items():
+            t = getattr(self, name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{name} must be {dtype} of shape {tuple(shape)}, got {t.dtype} of "
+                                 f"shape {tuple(t.shape)}")
+
+
 class _QuantMatmul(torch.autograd.Function):
     """x2 @ Ŵᵀ through the layer's kernel; the gradient flows to the input only."""
 
@@ -435,24 +467,6 @@ class QuantLinear(QuantLinearBase):
     #: model-wide ``.to(torch.bfloat16)`` would otherwise round the tables and
     #: reinterpret the fp16 sparse values).
     _FIXED_DTYPE_BUFFERS = ("lookup_table", "sparse_values")
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "QuantLinear":
-        # .to()/.cuda()/.half() replace the buffers: drop what the cache holds
-        # (it would otherwise keep the old copies alive).
-        self._cache = {}
-        before = {n: self._buffers[n] for n in self._FIXED_DTYPE_BUFFERS
-                  if self._buffers.get(n) is not None}
-        out = super()._apply(fn, *args, **kwargs)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)
-        return out
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_cache"] = {}  # views and device plans are rebuilt on use
-        return state
 
     def _cpu_operands(self) -> Tuple[np.ndarray, np.ndarray, Any]:
         # fp32 tables on the CPU: every operand is a view of its buffer, so an

@@ -222,21 +222,6 @@ class PTQ161QuantLinear(QuantLinearBase):
         self._cache["cpu"] = (key, ops_t)
         return ops_t
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "PTQ161QuantLinear":
-        self._cache = {}
-        before = {n: self._buffers[n] for n in self._FIXED_DTYPE_BUFFERS}
-        out = super()._apply(fn, *args, **kwargs)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)
-        return out
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_cache"] = {}
-        return state
-
     def validate(self) -> None:
         n_bin = self.n_binary
         words = _C.packed_words(self.n_salient, self.wbits) if self.n_salient else 0
@@ -248,11 +233,7 @@ class PTQ161QuantLinear(QuantLinearBase):
                   "r1": ((o,), torch.float16), "r2": ((n_bin,), torch.float16),
                   "qweight": ((o, words), torch.int32),
                   "scales": ((o, groups), torch.float16), "zeros": ((o, groups), torch.float16)}
-        for name, (shape, dtype) in expect.items():
-            t = getattr(self, name)
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(f"{name} must be {dtype} of shape {shape}, got {t.dtype} of "
-                                 f"shape {tuple(t.shape)}")
+        self._check_buffer_specs(expect)
         ops = self._operands()
         n_mask = int(np.unpackbits(ops[0]).sum())
         if n_mask != self.n_salient:

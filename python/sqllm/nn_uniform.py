@@ -142,21 +142,6 @@ class UniformQuantLinear(QuantLinearBase):
         self._cache["cpu"] = (key, ops)
         return ops
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "UniformQuantLinear":
-        self._cache = {}
-        before = {n: self._buffers[n] for n in self._FIXED_DTYPE_BUFFERS}
-        out = super()._apply(fn, *args, **kwargs)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)
-        return out
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_cache"] = {}
-        return state
-
     def validate(self) -> None:
         words = _C.packed_words(self.in_features, self.bits)
         groups = num_groups(self.in_features, self.group_size)
@@ -167,11 +152,7 @@ class UniformQuantLinear(QuantLinearBase):
                   "zeros": ((self.out_features, groups), torch.float16)}
         if self.g_idx is not None:
             expect["g_idx"] = ((self.in_features,), torch.int32)
-        for name, (shape, dtype) in expect.items():
-            t = getattr(self, name)
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(f"{name} must be {dtype} of shape {shape}, got {t.dtype} of "
-                                 f"shape {tuple(t.shape)}")
+        self._check_buffer_specs(expect)
         _C.check_uniform(*self._operands(), self.bits, self.group_size, self.in_features)
         self._checked = True
 

@@ -250,22 +250,6 @@ class VQQuantLinear(QuantLinearBase):
         self._cache["cpu"] = (key, ops)
         return ops
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "VQQuantLinear":
-        self._cache = {}
-        before = {n: self._buffers[n] for n in self._FIXED_DTYPE_BUFFERS
-                  if self._buffers.get(n) is not None}
-        out = super()._apply(fn, *args, **kwargs)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)
-        return out
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_cache"] = {}
-        return state
-
     def validate(self) -> None:
         v, vo = self.vector_len, self.outlier_vector_len
         fdt = (torch.float16, torch.bfloat16, torch.float32)
