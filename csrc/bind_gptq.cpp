@@ -69,9 +69,17 @@ void check_hessian(const carray<double>& h, std::size_t in) {
               h.shape(0), ", ", h.shape(1), ")");
 }
 
+/// The memory of a Hessian the caller gives up (overwrite_hessian=True):
+/// it must be writable (a read-only array, e.g. a memory-mapped file, is refused).
+double* hessian_to_overwrite(carray<double>& h) {
+  SQLLM_CHECK(h.writeable(), "overwrite_hessian=True needs a writable hessian array");
+  return h.mutable_data();
+}
+
 GptqParams gptq_params(bool act_order, int blocksize, double percdamp, bool static_groups,
-                       int num_threads) {
+                       int num_threads, bool overwrite_hessian = false) {
   GptqParams p;
+  p.overwrite_hessian = overwrite_hessian;
   p.act_order = act_order;
   p.blocksize = blocksize;
   p.percdamp = percdamp;
@@ -141,9 +149,9 @@ void init_gptq(py::module_& m) {
 
   m.def(
       "gptq_uniform",
-      [](const carray<float>& weight, const carray<double>& hessian, int bits, int group_size,
+      [](const carray<float>& weight, carray<double> hessian, int bits, int group_size,
          bool sym, bool act_order, int blocksize, double percdamp, bool static_groups,
-         int num_threads) {
+         int num_threads, bool overwrite_hessian, bool return_weight) {
         check_ndim(weight, 2, "weight");
         const auto out = static_cast<std::size_t>(weight.shape(0));
         const auto in = static_cast<std::size_t>(weight.shape(1));
@@ -153,16 +161,21 @@ void init_gptq(py::module_& m) {
         up.group_size = group_size;
         up.sym = sym;
         check_uniform_params(up);
-        const GptqParams gp = gptq_params(act_order, blocksize, percdamp, static_groups, num_threads);
+        const GptqParams gp = gptq_params(act_order, blocksize, percdamp, static_groups, num_threads,
+                                          overwrite_hessian);
+        const double* h = overwrite_hessian ? hessian_to_overwrite(hessian) : hessian.data();
         std::vector<std::uint8_t> codes(out * in);
         std::vector<std::uint16_t> scales, zeros;
-        carray<float> deq({out, in});
+        std::optional<carray<float>> deq;
+        if (return_weight) deq.emplace(std::vector<py::ssize_t>{static_cast<py::ssize_t>(out),
+                                                                static_cast<py::ssize_t>(in)});
+        float* q_out = deq ? deq->mutable_data() : nullptr;
         carray<std::uint32_t> packed({out, packed_words(in, bits)});
         GptqResult res;
         {
           py::gil_scoped_release nogil;
-          res = gptq_uniform(weight.data(), hessian.data(), out, in, up, gp, codes.data(), scales,
-                             zeros, deq.mutable_data());
+          res = gptq_uniform(weight.data(), h, out, in, up, gp, codes.data(), scales,
+                             zeros, q_out);
           pack_codes(codes.data(), out, in, bits, packed.mutable_data());
         }
         const auto G = static_cast<py::ssize_t>(res.num_groups);
@@ -173,23 +186,29 @@ void init_gptq(py::module_& m) {
         d["zeros"] = z.reshape({static_cast<py::ssize_t>(out), G});
         d["g_idx"] = to_numpy(res.g_idx);
         d["perm"] = to_numpy(res.perm);
-        d["weight"] = deq;
+        if (deq) d["weight"] = *deq; else d["weight"] = py::none();
         d["proxy_error"] = res.proxy_error;
         d["dead_columns"] = res.dead_columns;
+        d["hessian_overwritten"] = res.hessian_overwritten;
         return d;
       },
       py::arg("weight"), py::arg("hessian"), py::arg("bits") = 4, py::arg("group_size") = -1,
       py::arg("sym") = false, py::arg("act_order") = false, py::arg("blocksize") = 128,
       py::arg("percdamp") = 0.01, py::arg("static_groups") = false, py::arg("num_threads") = 0,
+      py::arg("overwrite_hessian") = false, py::arg("return_weight") = true,
       "GPTQ onto uniform grids.  weight float32 [out, in]; hessian float64 [in, in], a positive\n"
-      "multiple of X^T X.  Returns a dict: qweight (uint32 [out, words]), scales and zeros\n"
+      "multiple of X^T X (with overwrite_hessian: a writable float64 C-contiguous array whose\n"
+      "memory becomes the engine's working matrix, contents destroyed, when it is aligned as\n"
+      "Eigen aligns its matrices -- torch tensors are; else it is copied).  Returns a dict: qweight (uint32 [out, words]), scales and zeros\n"
       "(fp16 bits, uint16 [out, groups]), g_idx (int32 [in]), perm (int32 [in]), weight\n"
-      "(the dequantized float32 [out, in]), proxy_error (tr(dW H dW^T)), dead_columns.");
+      "(the dequantized float32 [out, in]; None with return_weight=False), proxy_error\n"
+      "(tr(dW H dW^T)), dead_columns, hessian_overwritten.");
 
   m.def(
       "gptq_lut",
-      [](const carray<float>& weight, const carray<double>& hessian, const carray<float>& tables,
-         int bits, bool act_order, int blocksize, double percdamp, int num_threads) {
+      [](const carray<float>& weight, carray<double> hessian, const carray<float>& tables,
+         int bits, bool act_order, int blocksize, double percdamp, int num_threads,
+         bool overwrite_hessian, bool return_weight) {
         check_bits(bits);
         check_ndim(weight, 2, "weight");
         check_ndim(tables, 2, "lookup_table");
@@ -203,25 +222,31 @@ void init_gptq(py::module_& m) {
                     tables.shape(0), ", ", tables.shape(1), ")");
         for (py::ssize_t k = 0; k < tables.size(); ++k)
           SQLLM_CHECK(std::isfinite(tables.data()[k]), "lookup_table contains NaN or Inf");
-        const GptqParams gp = gptq_params(act_order, blocksize, percdamp, false, num_threads);
+        const GptqParams gp = gptq_params(act_order, blocksize, percdamp, false, num_threads,
+                                          overwrite_hessian);
+        const double* h = overwrite_hessian ? hessian_to_overwrite(hessian) : hessian.data();
         std::vector<std::uint8_t> codes(out * in);
         carray<std::uint32_t> packed({out, packed_words(in, bits)});
-        carray<float> deq({out, in});
+        std::optional<carray<float>> deq;
+        if (return_weight) deq.emplace(std::vector<py::ssize_t>{static_cast<py::ssize_t>(out),
+                                                                static_cast<py::ssize_t>(in)});
+        float* q_out = deq ? deq->mutable_data() : nullptr;
         GptqResult res;
         {
           py::gil_scoped_release nogil;
           LutColumnQuantizer q{tables.data(), K, in, codes.data()};
-          res = gptq(weight.data(), hessian.data(), out, in, gp, q, deq.mutable_data());
+          res = gptq(weight.data(), h, out, in, gp, q, q_out);
           pack_codes(codes.data(), out, in, bits, packed.mutable_data());
         }
-        return py::make_tuple(packed, deq, res.proxy_error);
+        return py::make_tuple(packed, deq ? py::object(*deq) : py::object(py::none()), res.proxy_error);
       },
       py::arg("weight"), py::arg("hessian"), py::arg("tables"), py::arg("bits"),
       py::arg("act_order") = false, py::arg("blocksize") = 128, py::arg("percdamp") = 0.01,
-      py::arg("num_threads") = 0,
+      py::arg("num_threads") = 0, py::arg("overwrite_hessian") = false,
+      py::arg("return_weight") = true,
       "GPTQ with per-row lookup tables as the column quantizer (SqueezeLLM + GPTQ error\n"
-      "feedback).  Returns (qweight uint32 [out, words], dequantized float32 [out, in],\n"
-      "proxy_error).");
+      "feedback).  Returns (qweight uint32 [out, words], dequantized float32 [out, in] or None\n"
+      "with return_weight=False, proxy_error).");
 
   m.def(
       "uniform_matmul",

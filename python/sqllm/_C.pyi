@@ -44,10 +44,12 @@ def uniform_rtn(weight: ArrayLike, bits: int = 4, group_size: int = -1, sym: boo
 def gptq_uniform(weight: ArrayLike, hessian: ArrayLike, bits: int = 4, group_size: int = -1,
                  sym: bool = False, act_order: bool = False, blocksize: int = 128,
                  percdamp: float = 0.01, static_groups: bool = False,
-                 num_threads: int = 0) -> Dict[str, Any]: ...
+                 num_threads: int = 0, overwrite_hessian: bool = False,
+                 return_weight: bool = True) -> Dict[str, Any]: ...
 def gptq_lut(weight: ArrayLike, hessian: ArrayLike, tables: ArrayLike, bits: int,
              act_order: bool = False, blocksize: int = 128, percdamp: float = 0.01,
-             num_threads: int = 0) -> Tuple[NDArray[np.uint32], NDArray[np.float32], float]: ...
+             num_threads: int = 0, overwrite_hessian: bool = False, return_weight: bool = True
+             ) -> Tuple[NDArray[np.uint32], Optional[NDArray[np.float32]], float]: ...
 def vec_kmeans(points: ArrayLike, weights: Optional[ArrayLike] = None, k: int = 256,
                iters: int = 100, tol: float = 1e-5, init: str = "random", seed: int = 0,
                num_threads: int = 0, init_centroids: Optional[ArrayLike] = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import _C
 from .nn_uniform import UniformQuantLinear, check_uniform_options
 
-__all__ = ["gptq_quantize", "GptqResult", "collect_hessians", "hessian_for_gptq"]
+__all__ = ["gptq_quantize", "GptqResult", "collect_hessians", "hessian_for_gptq", "take_hessian"]
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ class GptqResult:
 
     Attributes
     ----------
-    weight : Tensor float32 [out, in]
-        The dequantized weight Ŵ.
+    weight : Tensor float32 [out, in] or None
+        The dequantized weight Ŵ (None when not asked for: ``return_weight=False``).
     qweight : ndarray uint32 [out, words]
         Packed codes (docs/formats.md).
     scales, zeros : ndarray float16 [out, groups]
@@ -44,9 +44,11 @@ class GptqResult:
         tr((W - Ŵ) H (W - Ŵ)ᵀ) for the H given.
     bits, group_size, act_order, static_groups :
         The options used.
+    hessian_overwritten : bool
+        H's memory was used as the engine's working matrix (``overwrite_hessian``).
     """
 
-    weight: torch.Tensor
+    weight: Optional[torch.Tensor]
     qweight: np.ndarray
     scales: np.ndarray
     zeros: np.ndarray
@@ -57,6 +59,7 @@ class GptqResult:
     group_size: int
     act_order: bool
     static_groups: bool
+    hessian_overwritten: bool = False
 
     @property
     def needs_g_idx(self) -> bool:
@@ -66,7 +69,7 @@ class GptqResult:
     def to_layer(self, bias: Optional[torch.Tensor] = None) -> UniformQuantLinear:
         """The packed ``UniformQuantLinear`` these codes make."""
         return UniformQuantLinear.from_packed(
-            self.qweight, self.scales, self.zeros, int(self.weight.shape[1]), self.bits,
+            self.qweight, self.scales, self.zeros, int(self.g_idx.shape[0]), self.bits,
             self.group_size, g_idx=self.g_idx if self.needs_g_idx else None, bias=bias)
 
 
@@ -80,10 +83,29 @@ def _as_numpy(a: ArrayLike, dtype: type, name: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
+def _hessian_to_overwrite(H: ArrayLike) -> np.ndarray:
+    """H itself as a writable float64 C-contiguous array (no copy), or ValueError."""
+    if isinstance(H, torch.Tensor):
+        if H.device.type != "cpu" or H.dtype != torch.float64 or not H.is_contiguous():
+            raise ValueError("overwrite_hessian=True needs a contiguous float64 CPU Hessian, got "
+                             f"{H.dtype} on {H.device} (contiguous={H.is_contiguous()})")
+        H = H.detach().numpy()
+    if not isinstance(H, np.ndarray):
+        raise TypeError(f"H must be a torch.Tensor or numpy array, got {type(H).__name__}")
+    if H.dtype != np.float64 or not H.flags.c_contiguous or not H.flags.writeable:
+        raise ValueError("overwrite_hessian=True needs a writable, C-contiguous float64 Hessian, "
+                         f"got dtype {H.dtype}, c_contiguous={H.flags.c_contiguous}, "
+                         f"writeable={H.flags.writeable}")
+    if H.ndim != 2:
+        raise ValueError(f"H must be 2-D, got shape {H.shape}")
+    return H
+
+
 def gptq_quantize(W: ArrayLike, H: ArrayLike, bits: int = 4, group_size: int = -1,
                   act_order: bool = False, blocksize: int = 128, percdamp: float = 0.01,
                   static_groups: bool = False, sym: bool = False, return_result: bool = False,
-                  num_threads: int = 0) -> Union[torch.Tensor, GptqResult]:
+                  num_threads: int = 0, overwrite_hessian: bool = False,
+                  return_weight: bool = True) -> Union[torch.Tensor, GptqResult]:
     """Quantize a weight with GPTQ onto uniform grids.
 
     Parameters
@@ -113,6 +135,16 @@ def gptq_quantize(W: ArrayLike, H: ArrayLike, bits: int = 4, group_size: int = -
         of the dequantized weight.
     num_threads : int
         OpenMP threads (0: the default).
+    overwrite_hessian : bool
+        Give H's memory to the engine as its n x n working matrix instead of
+        allocating a second one (0.97 GB for an 11008-wide layer); H's contents
+        are destroyed.  Only with a float64, C-contiguous, writable CPU H (else
+        ValueError).  Used when H is aligned as Eigen aligns its own matrices
+        (torch's CPU tensors are), else H is copied, so that the result is
+        bit-identical either way (``GptqResult.hessian_overwritten`` says which).
+    return_weight : bool
+        With ``return_result``: False skips the dequantized weight
+        (``GptqResult.weight`` is None; out x in float32 less to hold).
 
     Returns
     -------
@@ -120,16 +152,18 @@ def gptq_quantize(W: ArrayLike, H: ArrayLike, bits: int = 4, group_size: int = -
     """
     bits, group_size = check_uniform_options(bits, group_size)
     w = _as_numpy(W, np.float32, "W")
-    h = _as_numpy(H, np.float64, "H")
+    h = _hessian_to_overwrite(H) if overwrite_hessian else _as_numpy(H, np.float64, "H")
     d = _C.gptq_uniform(w, h, bits, group_size, sym, bool(act_order), int(blocksize),
-                        float(percdamp), bool(static_groups), int(num_threads))
-    weight = torch.from_numpy(d["weight"])
+                        float(percdamp), bool(static_groups), int(num_threads),
+                        bool(overwrite_hessian), bool(return_weight) or not return_result)
+    weight = torch.from_numpy(d["weight"]) if d["weight"] is not None else None
     if not return_result:
         return weight
     return GptqResult(weight=weight, qweight=d["qweight"], scales=d["scales"].view(np.float16),
                       zeros=d["zeros"].view(np.float16), g_idx=d["g_idx"], perm=d["perm"],
                       proxy_error=float(d["proxy_error"]), bits=bits, group_size=group_size,
-                      act_order=bool(act_order), static_groups=bool(static_groups))
+                      act_order=bool(act_order), static_groups=bool(static_groups),
+                      hessian_overwritten=bool(d["hessian_overwritten"]))
 
 
 def collect_hessians(model: nn.Module, layers: Dict[str, nn.Linear], batches: torch.Tensor,
@@ -176,6 +210,24 @@ def collect_hessians(model: nn.Module, layers: Dict[str, nn.Linear], batches: to
             h.remove()
         model.train(was_training)
     return {"hessian": {k: v.cpu() for k, v in hess.items()}, "hessian_count": count}
+
+
+def take_hessian(stats: Dict[str, Dict[str, object]], name: str) -> Tuple[torch.Tensor, bool]:
+    """Layer ``name``'s unscaled XᵀX and whether the caller may overwrite it
+    (``overwrite_hessian=``): true when the streamer collected or loaded it for this run (``stats["hessian_owned"]``; then it is removed from ``stats``), false for
+    statistics the user passed in (left in place).
+    """
+    h = hessian_for_gptq(stats, name, scaled=False)
+    owned = bool(stats.get("hessian_owned", {}).pop(name, False))
+    owned = owned and h.dtype == torch.float64 and h.device.type == "cpu" and h.is_contiguous()
+    if owned:
+        try:
+            owned = h.numpy().flags.writeable
+        except (RuntimeError, ValueError):
+            owned = False
+    if owned:  # it is about to be overwritten: nobody else may read it
+        stats["hessian"].pop(name, None)
+    return h, owned
 
 
 def hessian_for_gptq(stats: Dict[str, Dict[str, object]], name: str, scaled: bool = True) -> torch.Tensor:

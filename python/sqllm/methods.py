@@ -224,13 +224,16 @@ class SqueezeLLM(QuantMethod):
             raise ValueError(f"layer {name!r}: {e}") from None
         if self.gptq:
             from . import _C
-            from .gptq import hessian_for_gptq
+            from .gptq import take_hessian
             import numpy as np
 
-            h = hessian_for_gptq(stats, name, scaled=False)  # scale-free; no n x n copy
+            # scale-free: the collected XᵀX itself; when the streamer owns it, its
+            # memory becomes the engine's working matrix (no second n x n)
+            h, owned = take_hessian(stats, name)
             w = linear.weight.detach().to("cpu", torch.float32).contiguous().numpy()
             packed, _, _ = _C.gptq_lut(w, h.numpy(), layer.lookup_table.float().numpy(),
-                                       self.bits)
+                                       self.bits, overwrite_hessian=owned, return_weight=False)
+            del h
             layer.qweight.copy_(torch.from_numpy(packed.view(np.int32)))
         return layer
 
@@ -376,16 +379,20 @@ class GPTQ(QuantMethod):
 
     def quantize_layer(self, name: str, linear: nn.Linear,
                        stats: Dict[str, Any]) -> QuantLinearBase:
-        from .gptq import gptq_quantize, hessian_for_gptq
+        from .gptq import gptq_quantize, take_hessian
 
-        h = hessian_for_gptq(stats, name, scaled=False)  # GPTQ is scale-free; no n x n copy
+        # GPTQ is scale-free: the collected XᵀX itself; when the streamer owns it,
+        # its memory becomes the engine's working matrix (no second n x n)
+        h, owned = take_hessian(stats, name)
         try:
             res = gptq_quantize(linear.weight, h, bits=self.bits, group_size=self.group_size,
                                 act_order=self.act_order, blocksize=self.blocksize,
                                 percdamp=self.percdamp, static_groups=self.static_groups,
-                                sym=self.sym, return_result=True)
+                                sym=self.sym, return_result=True, overwrite_hessian=owned,
+                                return_weight=False)
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
+        del h
         log.debug("gptq %s: proxy error %.4g", name,
                   res.proxy_error * 2.0 / int(stats["hessian_count"][name]))
         return res.to_layer(bias=linear.bias)

@@ -86,6 +86,12 @@ def quantize_child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.log_memory:  # the streamer's resident-set lines (stderr), per group and block
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("sqllm.calib.streamer").setLevel(logging.DEBUG)
     t0 = time.perf_counter()
     model = sqllm.open_on_meta(args.model, dtype=getattr(torch, args.dtype))
     calib = None
@@ -113,6 +119,8 @@ def main() -> int:
                     help="collect and quantize one input group of a block at a time (at most one "
                          "group's Hessians held)")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--log-memory", action="store_true",
+                    help="print the resident set after each group / block (streamer debug log)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -136,9 +144,13 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--child", "--model", str(src), "--out", str(out),
                "--method", args.method, "--bits", str(args.bits), "--dtype", args.dtype,
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-               "--threads", str(args.threads)] + (["--sequential-groups"] if args.sequential_groups else [])
+               "--threads", str(args.threads)] + (["--sequential-groups"] if args.sequential_groups else []) \
+            + (["--log-memory"] if args.log_memory else [])
         r = subprocess.run(cmd, check=True, capture_output=True, text=True,
                            env={**os.environ, "TQDM_DISABLE": "1"})
+        for line in r.stderr.splitlines():
+            if "resident" in line:
+                print("  " + line)
         res = json.loads(r.stdout.strip().splitlines()[-1])
         out_size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         peak = res["peak_rss"]

@@ -90,6 +90,15 @@ struct GptqParams {
   int group_size = -1;         ///< columns per quantizer group; -1: one group per row
   int num_threads = 0;         ///< OpenMP threads; <= 0: the OpenMP default
   std::size_t row_chunk = 128; ///< rows per unit of work (rounded up to row_align())
+  /// Use H's own memory as the engine's n x n working matrix: no second n x n
+  /// matrix (0.97 GB for an 11008-wide down_proj), H's contents are destroyed.
+  /// Only for a caller that owns H and passes it as writable memory (the
+  /// pointer is const only so that one signature serves both modes).  Done
+  /// only when H is aligned as Eigen aligns its own matrices (torch's CPU
+  /// allocations are): Eigen's vectorised reductions split sums by the
+  /// address, so the result would otherwise depend on where H lies.  Else the
+  /// engine copies; either way the result is bit-identical to not asking.
+  bool overwrite_hessian = false;
 };
 
 /// What the engine reports besides the quantizer's own state.
@@ -100,6 +109,7 @@ struct GptqResult {
   double proxy_error = 0.0;         ///< tr((W - Q) H (W - Q)^T), H as given
   std::size_t dead_columns = 0;     ///< columns with H_ii == 0
   double damp = 0.0;                ///< the absolute damping added to the diagonal
+  bool hessian_overwritten = false; ///< H's memory was used (GptqParams::overwrite_hessian)
 };
 
 namespace detail {
@@ -119,7 +129,7 @@ using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;  // column-m
 /// already inverted, [[L11, 0], [L21, L22]]^-1 has the blocks L11^-1 and
 /// -L22^-1 L21 L11^-1.  The products are split into row blocks of a fixed
 /// size, so the result does not depend on the number of threads.
-inline void gptq_inverse_factor_inplace(MatD& A, double percdamp, int num_threads) {
+inline void gptq_inverse_factor_inplace(Eigen::Ref<MatD> A, double percdamp, int num_threads) {
   const Eigen::Index n = A.rows();
   Eigen::LLT<Eigen::Ref<MatD>> llt(A);
   const bool ok = llt.info() == Eigen::Success && A.diagonal().minCoeff() > 0.0 &&
@@ -171,6 +181,51 @@ inline void gptq_inverse_factor_inplace(MatD& A, double percdamp, int num_thread
   SQLLM_CHECK(finite,
               "GPTQ: the inverse Hessian factor is not finite (the Hessian is too "
               "ill-conditioned); raise percdamp (got ", percdamp, ")");
+}
+
+/// In place on a symmetric-in-intent n x n matrix H (row-major; only the
+/// average of H and H^T matters): H becomes S with S(i, j) =
+/// (H(s_i, s_j) + H(s_j, s_i)) / 2, s_i = perm[n - 1 - i] -- the symmetrised
+/// Hessian with act-order's permutation and the reversal of
+/// gptq_inverse_factor_inplace applied, the same values the copying path
+/// builds.  Permutes rows by cycles, transposes, permutes rows again: O(n)
+/// extra memory.
+inline void symmetric_permute_inplace(double* H, std::size_t n, const std::vector<std::int32_t>& perm,
+                                      int num_threads) {
+  Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> A(
+      H, static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(n));
+#ifdef _OPENMP
+  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 64) num_threads(nt)
+#endif
+  for (Eigen::Index a = 0; a < A.rows(); ++a)
+    for (Eigen::Index b = a + 1; b < A.cols(); ++b) {
+      const double v = 0.5 * (A(a, b) + A(b, a));
+      A(a, b) = v;
+      A(b, a) = v;
+    }
+  (void)num_threads;
+  std::vector<std::size_t> src(n);  // new row i = old row src[i]
+  for (std::size_t i = 0; i < n; ++i) src[i] = static_cast<std::size_t>(perm[n - 1 - i]);
+  Eigen::RowVectorXd tmp(static_cast<Eigen::Index>(n));
+  auto permute_rows = [&]() {
+    std::vector<char> done(n, 0);
+    for (std::size_t start = 0; start < n; ++start) {
+      if (done[start]) continue;
+      tmp = A.row(static_cast<Eigen::Index>(start));
+      std::size_t j = start;
+      while (src[j] != start) {
+        A.row(static_cast<Eigen::Index>(j)) = A.row(static_cast<Eigen::Index>(src[j]));
+        done[j] = 1;
+        j = src[j];
+      }
+      A.row(static_cast<Eigen::Index>(j)) = tmp;
+      done[j] = 1;
+    }
+  };
+  permute_rows();       // P H
+  A.transposeInPlace();  // (P H)^T = H P^T  (H symmetric)
+  permute_rows();       // P H P^T
 }
 
 }  // namespace detail
@@ -225,8 +280,21 @@ GptqResult gptq(const float* W, const double* H, std::size_t rows, std::size_t c
   }
   // 4. damping, 5. factor of the permuted inverse
   res.damp = p.percdamp * Eigen::Map<const Eigen::VectorXd>(diag.data(), n).mean();
-  MatD U(n, n);  // first J P^T H P J + damp I (lower triangle), then the factor in place
-  {
+  // U: first J P^T H P J + damp I (lower triangle), then the factor in place.
+  // A copy of H's entries, or, with overwrite_hessian, H's own memory.
+  MatD U_own;
+  double* u_mem;
+  constexpr std::uintptr_t kAlign = EIGEN_MAX_ALIGN_BYTES > 0 ? EIGEN_MAX_ALIGN_BYTES : 1;
+  res.hessian_overwritten =
+      p.overwrite_hessian && reinterpret_cast<std::uintptr_t>(H) % kAlign == 0;
+  if (res.hessian_overwritten) {
+    u_mem = const_cast<double*>(H);  // the caller owns H and gave it up (GptqParams)
+    detail::symmetric_permute_inplace(u_mem, cols, res.perm, p.num_threads);
+    for (Eigen::Index a = 0; a < n; ++a)
+      u_mem[static_cast<std::size_t>(a) * (cols + 1)] =
+          diag[static_cast<std::size_t>(res.perm[static_cast<std::size_t>(n - 1 - a)])] + res.damp;
+  } else {
+    U_own.resize(n, n);
 #ifdef _OPENMP
     const int nt = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -236,10 +304,12 @@ GptqResult gptq(const float* W, const double* H, std::size_t rows, std::size_t c
       for (Eigen::Index b = a; b < n; ++b) {
         const auto pb = static_cast<std::size_t>(res.perm[static_cast<std::size_t>(b)]);
         const double v = a == b ? diag[pa] + res.damp : h_at(pb, pa);
-        U(n - 1 - a, n - 1 - b) = v;  // (b, a) with b >= a lands in the lower triangle
+        U_own(n - 1 - a, n - 1 - b) = v;  // (b, a) with b >= a lands in the lower triangle
       }
     }
+    u_mem = U_own.data();
   }
+  Eigen::Map<MatD> U(u_mem, n, n);
   detail::gptq_inverse_factor_inplace(U, p.percdamp, p.num_threads);
 
   // Groups.

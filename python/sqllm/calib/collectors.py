@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Type
 import torch
 from torch import nn
 
-from .compensated import CompensatedSum
+from .compensated import CompensatedSum, SymmetricCompensatedSum
 
 __all__ = ["Collector", "HessianCollector", "ActStatsCollector", "FisherCollector",
            "COLLECTORS", "get_collector"]
@@ -127,48 +127,77 @@ class HessianCollector(Collector):
 
     Products and sums are float64, the sum over calibration batches compensated
     (:mod:`.compensated`: the rounded result does not depend on the order of the
-    batches, so data-parallel runs reproduce it bit for bit).
+    batches, so data-parallel runs reproduce it bit for bit).  Only the upper
+    triangle is accumulated, in row blocks, and XᵀX is added block by block
+    (:class:`~.compensated.SymmetricCompensatedSum`): while collecting, a layer
+    costs about in² float64 (the pair), not the three to six full matrices of a
+    dense product and a dense pair; the result is exactly symmetric.
     ``stats["hessian"][layer]`` is the float64 (in, in) sum, not divided by the
-    count; ``stats["hessian_count"][layer]`` is the number of rows (an int).
+    count; ``stats["hessian_count"][layer]`` is the number of rows (an int);
+    ``stats["hessian_owned"][layer]`` marks the matrix as this run's own, which a
+    method may overwrite once it has used it (:func:`sqllm.gptq.take_hessian`).
     """
 
     name = "hessian"
 
     def __init__(self) -> None:
         super().__init__()
-        self._h: Dict[str, CompensatedSum] = {}
+        self._h: Dict[str, SymmetricCompensatedSum] = {}
         self._n: Dict[str, int] = {}
-        # Linears fed the same tensor (q/k/v, gate/up) share one product per call.
+        # Linears fed the same tensor (q/k/v, gate/up) share one product per call;
+        # it is kept only when another attached layer has the same width.
         self._last_x: Optional[torch.Tensor] = None
         self._last_version = -1
-        self._last_xtx: Optional[torch.Tensor] = None
+        self._last_blocks: Optional[List[torch.Tensor]] = None
+        self._width_count: Dict[int, int] = {}
 
     def _init_layer(self, name: str, linear: nn.Linear) -> None:
         dev = linear.weight.device
-        self._h[name] = CompensatedSum((linear.in_features, linear.in_features),
-                                       device=dev if dev.type != "meta" else torch.device("cpu"))
+        self._h[name] = SymmetricCompensatedSum(
+            linear.in_features, device=dev if dev.type != "meta" else torch.device("cpu"))
         self._n[name] = 0
+        self._width_count[linear.in_features] = self._width_count.get(linear.in_features, 0) + 1
 
     def _update(self, name: str, linear: nn.Linear, x: torch.Tensor) -> None:
-        if x is self._last_x and x._version == self._last_version:
-            xtx = self._last_xtx
+        acc = self._h[name]
+        if x is self._last_x and x._version == self._last_version and self._last_blocks is not None:
+            acc.add_blocks(self._last_blocks)
         else:
-            rows = _rows(x, linear.in_features, name).to(self._h[name].hi.device, torch.float64)
-            xtx = rows.T @ rows
-            self._last_x, self._last_version, self._last_xtx = x, x._version, xtx
-        self._h[name].add(xtx)
+            rows = _rows(x, linear.in_features, name).to(acc.hi[0].device, torch.float64)
+            if self._width_count.get(linear.in_features, 0) > 1:
+                blocks = list(acc.gram_blocks(rows))
+                acc.add_blocks(blocks)
+                self._last_x, self._last_version, self._last_blocks = x, x._version, blocks
+            else:
+                acc.add_gram(rows)
+                self._last_x = self._last_blocks = None
         self._n[name] += x.numel() // linear.in_features
 
     def detach(self) -> None:
         super().detach()
-        self._last_x = self._last_xtx = None
+        self._last_x = self._last_blocks = None
 
     def partial_state(self, name: str) -> Dict[str, Any]:
         return {"hessian": ("sum",) + self._h[name].pair(), "count": ("count", self._n[name])}
 
+    def finish_partial(self, partial: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        v = partial["hessian"]
+        return {"hessian": SymmetricCompensatedSum.finish_packed(v[1], v[2]).cpu(),
+                "count": torch.tensor(int(partial["count"][1]), dtype=torch.int64)}
+
+    def layer_state(self, name: str) -> Dict[str, torch.Tensor]:
+        """The layer's Hessian; its sums are freed while the full matrix is filled (call once)."""
+        acc = self._h.pop(name)
+        return {"hessian": acc.take().cpu(),
+                "count": torch.tensor(int(self._n[name]), dtype=torch.int64)}
+
+    def drop(self, name: str) -> None:
+        self._h.pop(name, None)
+
     def publish(self, states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, Any]]:
         return {"hessian": {n: s["hessian"] for n, s in states.items()},
-                "hessian_count": {n: int(s["count"]) for n, s in states.items()}}
+                "hessian_count": {n: int(s["count"]) for n, s in states.items()},
+                "hessian_owned": {n: True for n in states}}
 
 
 @_register

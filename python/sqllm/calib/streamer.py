@@ -280,6 +280,18 @@ def _return_freed_memory() -> None:
 _MALLOC_TRIM: Any = None
 
 
+def _rss() -> str:
+    """This process's resident set, for debug logs ('?' where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        import os
+
+        return f"{pages * os.sysconf('SC_PAGE_SIZE') / 2**30:.2f} GiB"
+    except (OSError, ValueError, IndexError):
+        return "?"
+
+
 def _overrides_block(qm: Any) -> bool:
     from ..methods import QuantMethod
 
@@ -571,7 +583,10 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
                 fp_out = inputs.run(block)
             for group in _input_groups(block, layers, inputs):
                 gather(group)
+                log.debug("block %d, %s: statistics collected, resident %s", i, list(group), _rss())
                 install(quantize_group(group), group)
+                _return_freed_memory()  # this group's statistics, before the next group's
+                log.debug("block %d, %s: quantized, resident %s", i, list(group), _rss())
         else:
             if block_scoped and layers:
                 fp_out = gather(layers)
@@ -593,6 +608,7 @@ def stream_quantize(model: nn.Module, qm: Any, batches: Optional[torch.Tensor], 
                 writer.flush()
             release(block)
             _return_freed_memory()
+            log.debug("block %d written, resident %s", i, _rss())
         elif device != home:
             block.to(home)
     bar.close()
