@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "sqllm/detail/kmeans_vec_kernel.hpp"
+#include "sqllm/detail/kmeans_vec_pruned.hpp"
 #include "sqllm/error.hpp"
 
 #ifdef _OPENMP
@@ -48,8 +49,17 @@ namespace sqllm {
 
 constexpr int kVecMinDim = 2;
 constexpr int kVecMaxDim = 16;
+/// Auto assignment uses the pruned search from this many centroids on (below it
+/// the pruned search measured slower than brute force, docs/benchmarks.md #9).
+constexpr std::size_t kVecPrunedMinK = 1024;
 
 enum class VecKmeansInit { Random, KMeansPlusPlus };
+
+/// How each assignment step finds the nearest centroids.  Both give the same
+/// assignment bit for bit (ties included); Pruned skips centroids by the
+/// triangle inequality (detail/kmeans_vec_pruned.hpp) after the first assignment,
+/// Auto picks it for k >= kVecPrunedMinK.
+enum class VecKmeansAssign { Auto, Brute, Pruned };
 
 /// Options of vec_kmeans (documented defaults; no global state).
 struct VecKmeansParams {
@@ -60,6 +70,7 @@ struct VecKmeansParams {
   std::uint64_t seed = 0;                 ///< seeds the initialisation
   int num_threads = 0;                    ///< OpenMP threads; <= 0: the OpenMP default
   const float* init_centroids = nullptr;  ///< optional k x v start (overrides `init`)
+  VecKmeansAssign assign = VecKmeansAssign::Auto;  ///< search strategy (same result either way)
 };
 
 struct VecKmeansResult {
@@ -252,12 +263,30 @@ inline VecKmeansResult vec_kmeans(const float* X, std::size_t n, int v, const fl
   std::vector<std::int32_t> prev(n);
   std::vector<std::size_t> count(k + 1), order(n);
   std::vector<char> empty(k);
-  auto assign_step = [&]() {
-    detail::vec_tile_centroids(C, k, v, tiles);
-    detail::vec_nearest_tiled(X, n, v, tiles.data(), k, res.assign.data(), dist.data(), nt);
+  const bool pruned = p.assign == VecKmeansAssign::Pruned ||
+                      (p.assign == VecKmeansAssign::Auto && k >= kVecPrunedMinK);
+  detail::GuidedCentroids guided;
+  std::vector<double> lower(pruned ? n : 0);  // Hamerly bounds of the pruned search
+  std::vector<float> C_old(pruned ? k * V : 0);
+  // guess: nullptr for the first assignment (no previous one), else the previous
+  // assignment; centroid j moved by at most drift[j] since `lower` was written.
+  std::vector<float> drift(pruned ? k : 0);
+  bool have_lower = false;
+  auto assign_step = [&](const std::int32_t* guess) {
+    // The first assignment has no guess: brute force (a guess from pivots measured slower).
+    if (pruned && guess != nullptr) {
+      detail::vec_prepare_guided(C, k, v, guided);
+      detail::vec_assign_guided(X, n, v, guided, guess, res.assign.data(), dist.data(), nt,
+                                lower.data(), have_lower ? drift.data() : nullptr);
+      have_lower = true;
+      std::copy(C, C + k * V, C_old.begin());
+    } else {
+      detail::vec_tile_centroids(C, k, v, tiles);
+      detail::vec_nearest_tiled(X, n, v, tiles.data(), k, res.assign.data(), dist.data(), nt);
+    }
     return detail::vec_objective(X, n, v, weights, C, res.assign.data(), per_point, nt);
   };
-  res.objective.push_back(assign_step());
+  res.objective.push_back(assign_step(nullptr));
   if (n <= k && p.init_centroids == nullptr) return res;
 
   for (int it = 0; it < p.iters; ++it) {
@@ -303,9 +332,21 @@ inline VecKmeansResult vec_kmeans(const float* X, std::size_t n, int v, const fl
         std::copy(X + ids[e] * V, X + ids[e] * V + V, C + empties[e] * V);
       res.repaired += m;
     }
+    if (pruned && have_lower)  // how far each centroid moved (upper bounds), for the pruned filter
+      for (std::size_t j = 0; j < k; ++j) {
+        double d2 = 0.0;
+        for (std::size_t t = 0; t < V; ++t) {
+          const double e = static_cast<double>(C[j * V + t]) - static_cast<double>(C_old[j * V + t]);
+          d2 += e * e;
+        }
+        const double up = std::sqrt(d2) * (1.0 + 1e-12);
+        float f = static_cast<float>(up);
+        if (static_cast<double>(f) < up) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+        drift[j] = f;
+      }
     std::copy(res.assign.begin(), res.assign.end(), prev.begin());
     const double before = res.objective.back();
-    const double J = assign_step();
+    const double J = assign_step(prev.data());
     res.objective.push_back(J);
     res.iterations = it + 1;
     const bool same = std::equal(prev.begin(), prev.end(), res.assign.begin());
