@@ -168,7 +168,7 @@ void init_vq(py::module_& m) {
       "assign (n,) int32, objective (list: after the initial assignment, then each iteration),\n"
       "iterations, repaired (empty clusters refilled).  assign: 'auto', 'brute' or 'pruned'\n"
       "(the nearest-centroid search; the same result bit for bit, pruned skips centroids by\n"
-      "the triangle inequality; auto = pruned from k = 64 on).");
+      "the triangle inequality; auto = pruned for k >= 1024 and v <= 6).");
 
   m.def(
       "vec_nearest",

@@ -49,16 +49,18 @@ namespace sqllm {
 
 constexpr int kVecMinDim = 2;
 constexpr int kVecMaxDim = 16;
-/// Auto assignment uses the pruned search from this many centroids on (below it
-/// the pruned search measured slower than brute force, docs/benchmarks.md #9).
+/// Auto assignment uses the pruned search from this many centroids on, for vector
+/// lengths up to kVecPrunedMaxDim (elsewhere it measured no faster than brute
+/// force: docs/benchmarks.md, "#9 Vector k-means").
 constexpr std::size_t kVecPrunedMinK = 1024;
+constexpr int kVecPrunedMaxDim = 6;
 
 enum class VecKmeansInit { Random, KMeansPlusPlus };
 
 /// How each assignment step finds the nearest centroids.  Both give the same
 /// assignment bit for bit (ties included); Pruned skips centroids by the
 /// triangle inequality (detail/kmeans_vec_pruned.hpp) after the first assignment,
-/// Auto picks it for k >= kVecPrunedMinK.
+/// Auto picks it for k >= kVecPrunedMinK and v <= kVecPrunedMaxDim.
 enum class VecKmeansAssign { Auto, Brute, Pruned };
 
 /// Options of vec_kmeans (documented defaults; no global state).
@@ -264,7 +266,8 @@ inline VecKmeansResult vec_kmeans(const float* X, std::size_t n, int v, const fl
   std::vector<std::size_t> count(k + 1), order(n);
   std::vector<char> empty(k);
   const bool pruned = p.assign == VecKmeansAssign::Pruned ||
-                      (p.assign == VecKmeansAssign::Auto && k >= kVecPrunedMinK);
+                      (p.assign == VecKmeansAssign::Auto && k >= kVecPrunedMinK &&
+                       v <= kVecPrunedMaxDim);
   detail::GuidedCentroids guided;
   std::vector<double> lower(pruned ? n : 0);  // Hamerly bounds of the pruned search
   std::vector<float> C_old(pruned ? k * V : 0);

@@ -47,9 +47,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
-#ifdef SQLLM_KM_STATS
-#include <cstdio>
-#endif
 #include <utility>
 #include <vector>
 
@@ -62,9 +59,6 @@
 
 namespace sqllm {
 namespace detail {
-#ifdef SQLLM_KM_STATS
-inline std::size_t g_stat_blocks = 0, g_stat_ntiles = 0, g_stat_len = 0, g_stat_visited = 0;
-#endif
 
 /// Twice the bound above on |K - (||x-c||^2 - ||x||^2)|, per unit of (2 max||c||^2 + ||x||^2).
 template <int V>
@@ -535,15 +529,9 @@ void vec_guided_cluster(const float* X, const GuidedCentroids& g, std::int32_t a
     for (;;) {
       if (built <= t) build(std::min(nt, std::max<std::size_t>(t + 4, 2 * built)));
       t_stop = vec_guided_block<V, P>(x, T, t, built, Da, slack, best, bidx, second);
-#ifdef SQLLM_KM_STATS
-      g_stat_visited += t_stop - t;
-#endif
       if (t_stop < built || built == nt) break;
       t = built;
     }
-#ifdef SQLLM_KM_STATS
-    g_stat_blocks++; g_stat_ntiles += nt;
-#endif
     for (std::size_t p = 0; p < cnt; ++p) {
       const std::size_t i = s.pts[q0 + p].second;
       idx[i] = bidx[p];
