@@ -2,6 +2,7 @@
 // dequantize/matmul.  Conversion and shape checks only.
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,6 +29,13 @@ VecKmeansInit parse_init(const std::string& s) {
   if (s == "random") return VecKmeansInit::Random;
   if (s == "kmeans++") return VecKmeansInit::KMeansPlusPlus;
   throw Error(detail::concat("init must be 'random' or 'kmeans++', got '", s, "'"));
+}
+
+VecKmeansAssign parse_assign(const std::string& s) {
+  if (s == "auto") return VecKmeansAssign::Auto;
+  if (s == "brute") return VecKmeansAssign::Brute;
+  if (s == "pruned") return VecKmeansAssign::Pruned;
+  throw Error(detail::concat("assign must be 'auto', 'brute' or 'pruned', got '", s, "'"));
 }
 
 /// The one place Python arrays become a VqView.
@@ -114,7 +122,7 @@ void init_vq(py::module_& m) {
       "vec_kmeans",
       [](const carray<float>& points, std::optional<carray<float>> weights, std::size_t k,
          int iters, double tol, const std::string& init, std::uint64_t seed, int num_threads,
-         std::optional<carray<float>> init_centroids) {
+         std::optional<carray<float>> init_centroids, const std::string& assign) {
         check_ndim(points, 2, "points");
         const auto n = static_cast<std::size_t>(points.shape(0));
         const int v = static_cast<int>(points.shape(1));
@@ -125,6 +133,7 @@ void init_vq(py::module_& m) {
         p.init = parse_init(init);
         p.seed = seed;
         p.num_threads = num_threads;
+        p.assign = parse_assign(assign);
         if (weights) {
           check_ndim(*weights, 1, "weights");
           SQLLM_CHECK(static_cast<std::size_t>(weights->shape(0)) == n, "weights must have ", n,
@@ -154,9 +163,12 @@ void init_vq(py::module_& m) {
       py::arg("points"), py::arg("weights") = py::none(), py::arg("k") = 256, py::arg("iters") = 100,
       py::arg("tol") = 1e-5, py::arg("init") = "random", py::arg("seed") = 0,
       py::arg("num_threads") = 0, py::arg("init_centroids") = py::none(),
+      py::arg("assign") = "auto",
       "Weighted k-means of (n, v) float32 points (v = 2..16).  Returns a dict: centroids (k, v),\n"
       "assign (n,) int32, objective (list: after the initial assignment, then each iteration),\n"
-      "iterations, repaired (empty clusters refilled).");
+      "iterations, repaired (empty clusters refilled).  assign: 'auto', 'brute' or 'pruned'\n"
+      "(the nearest-centroid search; the same result bit for bit, pruned skips centroids by\n"
+      "the triangle inequality; auto = pruned for k >= 1024 and v <= 6).");
 
   m.def(
       "vec_nearest",
@@ -178,6 +190,65 @@ void init_vq(py::module_& m) {
       },
       py::arg("points"), py::arg("centroids"), py::arg("num_threads") = 0,
       "Nearest centroid (squared L2, ties to the lower index): (idx int32 (n,), dist float32 (n,)).");
+
+  m.def(
+      "vec_nearest_guided",
+      [](const carray<float>& points, const carray<float>& centroids, const carray<std::int32_t>& guess,
+         std::optional<carray<double>> lower, std::optional<carray<float>> drift, int num_threads) {
+        check_ndim(points, 2, "points");
+        check_ndim(centroids, 2, "centroids");
+        check_ndim(guess, 1, "guess");
+        const int v = static_cast<int>(points.shape(1));
+        SQLLM_CHECK(v >= kVecMinDim && v <= kVecMaxDim, "vector length must be in 2..16, got ", v);
+        SQLLM_CHECK(points.shape(1) == centroids.shape(1), "points and centroids must have the same ",
+                    "vector length, got ", points.shape(1), " and ", centroids.shape(1));
+        const auto n = static_cast<std::size_t>(points.shape(0));
+        const auto k = static_cast<std::size_t>(centroids.shape(0));
+        SQLLM_CHECK(k >= 1, "nearest centroid: k must be >= 1");
+        SQLLM_CHECK(static_cast<std::size_t>(guess.shape(0)) == n, "guess must have ", n,
+                    " entries (one per point), got ", guess.shape(0));
+        for (std::size_t i = 0; i < n; ++i)
+          SQLLM_CHECK(guess.data()[i] >= 0 && static_cast<std::size_t>(guess.data()[i]) < k,
+                      "guess[", i, "] = ", guess.data()[i], " is not a centroid index (k = ", k, ")");
+        for (std::size_t i = 0; i < n * static_cast<std::size_t>(v); ++i)
+          SQLLM_CHECK(std::isfinite(points.data()[i]) && std::fabs(points.data()[i]) < kVecMaxAbs,
+                      "points must be finite and below 1e12 in magnitude");
+        for (std::size_t i = 0; i < k * static_cast<std::size_t>(v); ++i)
+          SQLLM_CHECK(std::isfinite(centroids.data()[i]) && std::fabs(centroids.data()[i]) < kVecMaxAbs,
+                      "centroids must be finite and below 1e12 in magnitude");
+        SQLLM_CHECK(!drift || lower, "drift needs lower (the bounds it corrects)");
+        carray<double> low(static_cast<py::ssize_t>(n));
+        if (lower) {
+          check_ndim(*lower, 1, "lower");
+          SQLLM_CHECK(static_cast<std::size_t>(lower->shape(0)) == n, "lower must have ", n, " entries");
+          std::copy(lower->data(), lower->data() + n, low.mutable_data());
+        }
+        if (drift) {
+          check_ndim(*drift, 1, "drift");
+          SQLLM_CHECK(static_cast<std::size_t>(drift->shape(0)) == k, "drift must have ", k, " entries");
+          for (std::size_t j = 0; j < k; ++j)
+            SQLLM_CHECK(std::isfinite(drift->data()[j]) && drift->data()[j] >= 0.0f,
+                        "drift must be finite and >= 0");
+        }
+        carray<std::int32_t> idx(static_cast<py::ssize_t>(n));
+        carray<float> dist(static_cast<py::ssize_t>(n));
+        {
+          py::gil_scoped_release nogil;
+          detail::GuidedCentroids g;
+          detail::vec_prepare_guided(centroids.data(), k, v, g);
+          detail::vec_assign_guided(points.data(), n, v, g, guess.data(), idx.mutable_data(),
+                                    dist.mutable_data(), detail::vec_threads(num_threads),
+                                    low.mutable_data(), drift ? drift->data() : nullptr);
+        }
+        return py::make_tuple(idx, dist, low);
+      },
+      py::arg("points"), py::arg("centroids"), py::arg("guess"), py::arg("lower") = py::none(),
+      py::arg("drift") = py::none(), py::arg("num_threads") = 0,
+      "The pruned nearest-centroid search of vec_kmeans (exposed for tests): the same\n"
+      "(idx, dist) as vec_nearest, searched around guess (n,) int32, plus lower (n,) float64:\n"
+      "a lower bound of each point's distance to every centroid but its nearest.  With\n"
+      "lower (from a previous call) and drift (k,) float32 (how far each centroid has\n"
+      "moved since, upper bounds) points provably still nearest to their guess skip the search.");
 
   m.def(
       "vptq_quantize",

@@ -52,10 +52,14 @@ def gptq_lut(weight: ArrayLike, hessian: ArrayLike, tables: ArrayLike, bits: int
              ) -> Tuple[NDArray[np.uint32], Optional[NDArray[np.float32]], float]: ...
 def vec_kmeans(points: ArrayLike, weights: Optional[ArrayLike] = None, k: int = 256,
                iters: int = 100, tol: float = 1e-5, init: str = "random", seed: int = 0,
-               num_threads: int = 0, init_centroids: Optional[ArrayLike] = None
-               ) -> Dict[str, Any]: ...
+               num_threads: int = 0, init_centroids: Optional[ArrayLike] = None,
+               assign: str = "auto") -> Dict[str, Any]: ...
 def vec_nearest(points: ArrayLike, centroids: ArrayLike, num_threads: int = 0
                 ) -> Tuple[NDArray[np.int32], NDArray[np.float32]]: ...
+def vec_nearest_guided(points: ArrayLike, centroids: ArrayLike, guess: ArrayLike,
+                       lower: Optional[ArrayLike] = None, drift: Optional[ArrayLike] = None,
+                       num_threads: int = 0
+                       ) -> Tuple[NDArray[np.int32], NDArray[np.float32], NDArray[np.float64]]: ...
 def vptq_quantize(weight: ArrayLike, hessian: ArrayLike, v: int = 8, k: int = 4096,
                   k_res: int = 0, outlier_cols: int = 0, v_out: int = 0, k_out: int = 0,
                   group_num: int = 1, enable_perm: bool = True, enable_norm: bool = False,

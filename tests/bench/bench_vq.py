@@ -4,7 +4,8 @@
 
 Part 1 clusters the same weighted data with both (same k, v, iterations, no
 subsampling, same thread count; random initialisation from the data in both)
-and prints the time ratio and the ratio of the final weighted objectives
+and prints the time ratios (of the min and of the median over --repeats runs;
+sqllm with its brute-force and its pruned search) and the ratio of the final weighted objectives
 (sqllm / faiss; <= 1.0 means sqllm's clustering is at least as good).  Part 2
 times y = x W^T for one VQ layer: the gather kernel, torch dequantize +
 F.linear, and fp32 F.linear on the dense weight, at batch 1 and 8.  Ratios
@@ -45,7 +46,9 @@ def objective(X, w, C):
     return float((w * d).sum())
 
 
-def bench_kmeans(threads, quick):
+def bench_kmeans(threads, quick, repeats=3, cases=None):
+    """sqllm (brute-force and pruned search) vs faiss: the same data, k, v, 10
+    iterations, threads; each timed `repeats` times, ratios of min and median."""
     try:
         import faiss
     except ImportError:
@@ -53,29 +56,41 @@ def bench_kmeans(threads, quick):
         return
     faiss.omp_set_num_threads(threads)
     rng = np.random.default_rng(0)
-    cases = [(8, 256, 65536), (8, 4096, 131072), (6, 4096, 131072), (4, 1024, 131072)]
-    if quick:
-        cases = cases[:2]
+    if cases is None:
+        cases = [(8, 256, 65536), (8, 4096, 131072), (6, 4096, 131072), (4, 1024, 131072),
+                 (4, 4096, 262144)]
+        if quick:
+            cases = cases[:2]
     iters = 10
-    print(f"k-means, {iters} iterations, {threads} threads, weighted (w ~ U(0.1, 2))")
-    print(f"{'v':>3} {'k':>6} {'n':>8} {'sqllm s':>9} {'faiss s':>9} {'faiss/sqllm':>12} {'obj sqllm/faiss':>16}")
+    print(f"k-means, {iters} iterations, {threads} threads, weighted (w ~ U(0.1, 2)), "
+          f"{repeats} repeats (times: min / median, s)")
+    print(f"{'v':>3} {'k':>6} {'n':>8} {'assign':>7} {'sqllm s':>13} {'faiss s':>13} "
+          f"{'faiss/sqllm (min, median)':>26} {'obj sqllm/faiss':>16}")
     for v, k, n in cases:
         # Weight-like data: a heavy-tailed mixture (Student t), correlated coordinates.
         X = rng.standard_t(5, size=(n, v)).astype(np.float32)
         X[:, 1:] += 0.5 * X[:, :-1]
         w = rng.uniform(0.1, 2.0, n).astype(np.float32)
-        t0 = time.perf_counter()
-        r = _C.vec_kmeans(X, w, k=k, iters=iters, tol=0.0, init="random", seed=0,
-                          num_threads=threads)
-        t_ours = time.perf_counter() - t0
-        km = faiss.Kmeans(v, k, niter=iters, seed=0, max_points_per_centroid=10**9,
-                          min_points_per_centroid=1, verbose=False)
-        t0 = time.perf_counter()
-        km.train(X, weights=w)
-        t_faiss = time.perf_counter() - t0
-        o_ours, o_faiss = objective(X, w, r["centroids"]), objective(X, w, km.centroids)
-        print(f"{v:>3} {k:>6} {n:>8} {t_ours:>9.3f} {t_faiss:>9.3f} {t_faiss / t_ours:>12.2f} "
-              f"{o_ours / o_faiss:>16.4f}")
+        t_faiss, km = [], None
+        for _ in range(repeats):
+            km = faiss.Kmeans(v, k, niter=iters, seed=0, max_points_per_centroid=10**9,
+                              min_points_per_centroid=1, verbose=False)
+            t0 = time.perf_counter()
+            km.train(X, weights=w)
+            t_faiss.append(time.perf_counter() - t0)
+        o_faiss = objective(X, w, km.centroids)
+        for assign in ("brute", "pruned"):
+            t_ours, r = [], None
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                r = _C.vec_kmeans(X, w, k=k, iters=iters, tol=0.0, init="random", seed=0,
+                                  num_threads=threads, assign=assign)
+                t_ours.append(time.perf_counter() - t0)
+            o_ours = objective(X, w, r["centroids"])
+            tmin, tmed = min(t_ours), statistics.median(t_ours)
+            fmin, fmed = min(t_faiss), statistics.median(t_faiss)
+            print(f"{v:>3} {k:>6} {n:>8} {assign:>7} {tmin:>6.3f}/{tmed:<6.3f} {fmin:>6.3f}/{fmed:<6.3f} "
+                  f"{fmin / tmin:>12.2f}, {fmed / tmed:<12.2f} {o_ours / o_faiss:>16.4f}", flush=True)
 
 
 def random_vq_layer(out, inn, v, k, k_res):
@@ -127,13 +142,14 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8],
                     help="batch sizes of the kernel table (above 16 rows the layer takes the "
                          "tiled dequantize + GEMM path)")
+    ap.add_argument("--repeats", type=int, default=3, help="k-means timing repeats")
     ap.add_argument("--stat", choices=["median", "min"], default="median",
                     help="statistic over the repeats of each kernel timing")
     a = ap.parse_args()
     global STAT
     STAT = a.stat
     if a.only != "kernel":
-        bench_kmeans(a.threads, a.quick)
+        bench_kmeans(a.threads, a.quick, a.repeats)
     if a.only != "kmeans":
         bench_kernel(a.threads, a.quick, a.batches)
 

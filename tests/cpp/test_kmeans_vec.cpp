@@ -125,6 +125,46 @@ TEST_CASE("vec_kmeans: fewer points than k, empty clusters, bad input", "[kmeans
   REQUIRE_THROWS_AS(sqllm::vec_kmeans(X.data(), 1, 17, nullptr, p), sqllm::Error);
 }
 
+TEST_CASE("pruned nearest-centroid search equals the brute-force kernel, ties included", "[kmeans_vec]") {
+  std::mt19937_64 rng(77);
+  for (int v : {2, 3, 5, 8, 16}) {
+    for (std::size_t k : {std::size_t{1}, std::size_t{7}, std::size_t{130}}) {
+      const std::size_t n = 257 + static_cast<std::size_t>(v) * 13;
+      std::vector<float> X = gaussian(n * static_cast<std::size_t>(v), 10 + static_cast<std::uint64_t>(v) + k);
+      std::vector<float> C = gaussian(k * static_cast<std::size_t>(v), 20 + static_cast<std::uint64_t>(v) + k);
+      if (v == 3)  // small integers: exact sums, many exact ties, duplicated centroids
+        for (auto* a : {&X, &C})
+          for (auto& e : *a) e = std::round(2.0f * e);
+      std::vector<std::int32_t> ib(n), ig(n), guess(n);
+      std::vector<float> db(n), dg(n);
+      std::vector<double> lower(n);
+      for (auto& g : guess) g = static_cast<std::int32_t>(rng() % k);
+      sqllm::vec_nearest(X.data(), n, v, C.data(), k, ib.data(), db.data(), 1);
+      sqllm::detail::GuidedCentroids gc;
+      sqllm::detail::vec_prepare_guided(C.data(), k, v, gc);
+      sqllm::detail::vec_assign_guided(X.data(), n, v, gc, guess.data(), ig.data(), dg.data(), 2,
+                                       lower.data());
+      INFO("v=" << v << " k=" << k);
+      CHECK(ig == ib);
+      CHECK(dg == db);
+      for (std::size_t i = 0; i < n; ++i) {  // lower bounds the distance to every other centroid
+        double second = std::numeric_limits<double>::infinity();
+        for (std::size_t j = 0; j < k; ++j) {
+          if (static_cast<std::int32_t>(j) == ig[i]) continue;
+          double d = 0.0;
+          for (int t = 0; t < v; ++t) {
+            const double e = static_cast<double>(X[i * static_cast<std::size_t>(v) + static_cast<std::size_t>(t)]) -
+                             C[j * static_cast<std::size_t>(v) + static_cast<std::size_t>(t)];
+            d += e * e;
+          }
+          second = std::min(second, std::sqrt(d));
+        }
+        REQUIRE(lower[i] <= second * (1 + 1e-12));
+      }
+    }
+  }
+}
+
 TEST_CASE("vptq: feedback beats nearest assignment, residual lowers it again, decode matches", "[vptq]") {
   const std::size_t out = 48, in = 40, rows = 200;
   const auto Xs = gaussian(rows * in, 11);

@@ -10,7 +10,10 @@
 // points against 8 (16) centroids in registers, accumulates ||c||^2 - 2 x.c
 // and keeps a running arg-min per lane.  Nearest-centroid assignment for
 // quantization is the same kernel (vec_nearest).  The objective is recomputed
-// exactly in double from the assignment.
+// exactly in double from the assignment.  After the first assignment the
+// search can skip centroids by the triangle inequality around each point's
+// previous centroid (VecKmeansAssign::Pruned, detail/kmeans_vec_pruned.hpp):
+// the same assignment bit for bit, faster for k >= 1024 at v <= 6.
 //
 // Determinism.  Assignment is per point; centroid sums visit each cluster's
 // points in index order (a counting sort by cluster, then one cluster per
@@ -38,6 +41,7 @@
 #include <vector>
 
 #include "sqllm/detail/kmeans_vec_kernel.hpp"
+#include "sqllm/detail/kmeans_vec_pruned.hpp"
 #include "sqllm/error.hpp"
 
 #ifdef _OPENMP
@@ -48,8 +52,19 @@ namespace sqllm {
 
 constexpr int kVecMinDim = 2;
 constexpr int kVecMaxDim = 16;
+/// Auto assignment uses the pruned search from this many centroids on, for vector
+/// lengths up to kVecPrunedMaxDim (elsewhere it measured no faster than brute
+/// force: docs/benchmarks.md, "#9 Vector k-means").
+constexpr std::size_t kVecPrunedMinK = 1024;
+constexpr int kVecPrunedMaxDim = 6;
 
 enum class VecKmeansInit { Random, KMeansPlusPlus };
+
+/// How each assignment step finds the nearest centroids.  Both give the same
+/// assignment bit for bit (ties included); Pruned skips centroids by the
+/// triangle inequality (detail/kmeans_vec_pruned.hpp) after the first assignment,
+/// Auto picks it for k >= kVecPrunedMinK and v <= kVecPrunedMaxDim.
+enum class VecKmeansAssign { Auto, Brute, Pruned };
 
 /// Options of vec_kmeans (documented defaults; no global state).
 struct VecKmeansParams {
@@ -60,6 +75,7 @@ struct VecKmeansParams {
   std::uint64_t seed = 0;                 ///< seeds the initialisation
   int num_threads = 0;                    ///< OpenMP threads; <= 0: the OpenMP default
   const float* init_centroids = nullptr;  ///< optional k x v start (overrides `init`)
+  VecKmeansAssign assign = VecKmeansAssign::Auto;  ///< search strategy (same result either way)
 };
 
 struct VecKmeansResult {
@@ -252,12 +268,31 @@ inline VecKmeansResult vec_kmeans(const float* X, std::size_t n, int v, const fl
   std::vector<std::int32_t> prev(n);
   std::vector<std::size_t> count(k + 1), order(n);
   std::vector<char> empty(k);
-  auto assign_step = [&]() {
-    detail::vec_tile_centroids(C, k, v, tiles);
-    detail::vec_nearest_tiled(X, n, v, tiles.data(), k, res.assign.data(), dist.data(), nt);
+  const bool pruned = p.assign == VecKmeansAssign::Pruned ||
+                      (p.assign == VecKmeansAssign::Auto && k >= kVecPrunedMinK &&
+                       v <= kVecPrunedMaxDim);
+  detail::GuidedCentroids guided;
+  std::vector<double> lower(pruned ? n : 0);  // Hamerly bounds of the pruned search
+  std::vector<float> C_old(pruned ? k * V : 0);
+  // guess: nullptr for the first assignment (no previous one), else the previous
+  // assignment; centroid j moved by at most drift[j] since `lower` was written.
+  std::vector<float> drift(pruned ? k : 0);
+  bool have_lower = false;
+  auto assign_step = [&](const std::int32_t* guess) {
+    // The first assignment has no guess: brute force (a guess from pivots measured slower).
+    if (pruned && guess != nullptr) {
+      detail::vec_prepare_guided(C, k, v, guided);
+      detail::vec_assign_guided(X, n, v, guided, guess, res.assign.data(), dist.data(), nt,
+                                lower.data(), have_lower ? drift.data() : nullptr);
+      have_lower = true;
+      std::copy(C, C + k * V, C_old.begin());
+    } else {
+      detail::vec_tile_centroids(C, k, v, tiles);
+      detail::vec_nearest_tiled(X, n, v, tiles.data(), k, res.assign.data(), dist.data(), nt);
+    }
     return detail::vec_objective(X, n, v, weights, C, res.assign.data(), per_point, nt);
   };
-  res.objective.push_back(assign_step());
+  res.objective.push_back(assign_step(nullptr));
   if (n <= k && p.init_centroids == nullptr) return res;
 
   for (int it = 0; it < p.iters; ++it) {
@@ -303,9 +338,21 @@ inline VecKmeansResult vec_kmeans(const float* X, std::size_t n, int v, const fl
         std::copy(X + ids[e] * V, X + ids[e] * V + V, C + empties[e] * V);
       res.repaired += m;
     }
+    if (pruned && have_lower)  // how far each centroid moved (upper bounds), for the pruned filter
+      for (std::size_t j = 0; j < k; ++j) {
+        double d2 = 0.0;
+        for (std::size_t t = 0; t < V; ++t) {
+          const double e = static_cast<double>(C[j * V + t]) - static_cast<double>(C_old[j * V + t]);
+          d2 += e * e;
+        }
+        const double up = std::sqrt(d2) * (1.0 + 1e-12);
+        float f = static_cast<float>(up);
+        if (static_cast<double>(f) < up) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+        drift[j] = f;
+      }
     std::copy(res.assign.begin(), res.assign.end(), prev.begin());
     const double before = res.objective.back();
-    const double J = assign_step();
+    const double J = assign_step(prev.data());
     res.objective.push_back(J);
     res.iterations = it + 1;
     const bool same = std::equal(prev.begin(), prev.end(), res.assign.begin());
