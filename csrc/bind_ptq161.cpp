@@ -109,7 +109,8 @@ void init_ptq161(py::module_& m) {
   m.def(
       "ptq161_matmul",
       [](const carray<float>& x, SQLLM_PTQ161_ARGS, int num_threads, bool checked,
-         bool reference) {
+         bool reference, const std::string& kernel) {
+        const CpuKernel ker = parse_cpu_kernel(kernel);
         const Ptq161Arrays a{mask, signs, alpha, mu, r1, r2, qweight, scales, zeros};
         const Ptq161View v = ptq161_view(a, wbits, group_size, in_features);
         check_ndim(x, 2, "x");
@@ -123,15 +124,17 @@ void init_ptq161(py::module_& m) {
             check_ptq161_view(v);
             ptq161_matmul_reference(v, x.data(), batch, y.mutable_data());
           } else {
-            ptq161_matmul(v, x.data(), batch, y.mutable_data(), num_threads, checked);
+            ptq161_matmul(v, x.data(), batch, y.mutable_data(), num_threads, checked, ker);
           }
         }
         return y;
       },
       py::arg("x"), SQLLM_PTQ161_PYARGS, py::arg("num_threads") = 0, py::arg("checked") = false,
-      py::arg("reference") = false,
-      "y = x Ŵᵀ for a ptq161 layer: per-8-input sign tables for the binary part, the uniform\n"
-      "kernel for the salient part (reference=True: the plain scalar loop).");
+      py::arg("reference") = false, py::arg("kernel") = "auto",
+      "y = x Ŵᵀ for a ptq161 layer (reference=True: the plain scalar loop).  kernel: auto |\n"
+      "scalar (per-8-input sign tables, the uniform kernel for the salient part) | avx2 |\n"
+      "avx512 (masked adds below 4 batch rows, per-8 sign tables above; a path the CPU lacks\n"
+      "raises ValueError).");
 }
 
 }  // namespace bind
