@@ -241,6 +241,14 @@ inline void ptq161_gather(const float* x, std::size_t in, const std::vector<std:
 /// Work (out * in * batch) below which a call runs on one thread.
 constexpr std::size_t kPtq161ParallelWork = std::size_t{1} << 20;
 
+/// fp16 bits -> float for the x86 paths (F16C where the CPU has it; the same values).
+inline void ptq161_halves(const std::uint16_t* h, std::size_t n, std::vector<float>& f) {
+  f.resize(n);
+  static const bool f16c = __builtin_cpu_supports("f16c");
+  if (f16c) return ptq161_x86::halves_to_floats_f16c(h, n, f.data());
+  for (std::size_t i = 0; i < n; ++i) f[i] = half_bits_to_float(h[i]);
+}
+
 /// S and the salient group sums of the 8 rows of the tile at b0, transposed (zero past the batch).
 inline void ptq161_tile_sums(const Ptq161Prep& p, std::size_t b0, float* ST, std::vector<float>& gsT) {
   gsT.assign(std::max<std::size_t>(p.sgroups, 1) * 8, 0.0f);
@@ -266,13 +274,14 @@ void ptq161_matmul_x86(const Ptq161View& v, const float* x, std::size_t batch, f
   p.nsp = (p.n_sal + 31) / 32 * 32;
   p.sgroups = p.n_sal ? v.sal.groups() : 0;
   p.gsize = v.sal.group_size < 0 ? p.nsp : static_cast<std::size_t>(v.sal.group_size);
+  p.deq = AVX512 && p.n_sal > 0 && v.sal.bits == 4;
   p.xb.assign(batch * p.nbp, 0.0f);
   p.S.assign(batch, 0.0f);
   const std::size_t rows_pad = (batch + 7) / 8 * 8;
   p.xs.assign(rows_pad * p.nsp, 0.0f);
   p.gsum.assign(rows_pad * p.sgroups, 0.0f);
-  std::vector<float> r2(p.n_bin);
-  for (std::size_t j = 0; j < p.n_bin; ++j) r2[j] = half_bits_to_float(v.r2[j]);
+  std::vector<float> r2;
+  ptq161_halves(v.r2, p.n_bin, r2);
   for (std::size_t b = 0; b < batch; ++b) {
     const float* xr = x + b * v.in;
     float* xbr = p.xb.data() + b * p.nbp;
@@ -283,26 +292,40 @@ void ptq161_matmul_x86(const Ptq161View& v, const float* x, std::size_t batch, f
     }
     p.S[b] = s;
     float* xsr = p.xs.data() + b * p.nsp;
-    for (std::size_t k = 0; k < p.n_sal; ++k) xsr[k] = xr[sal[k]];
-    for (std::size_t g = 0; g < p.sgroups; ++g) {
+    if (p.deq) {  // even codes of each run of 32 first, then odd ones
+      for (std::size_t k = 0; k < p.n_sal; ++k) {
+        const std::size_t run = k & ~std::size_t{31}, i = k & 31u;
+        xsr[run + (i & 1u) * 16 + (i >> 1)] = xr[sal[k]];
+      }
+    } else {
+      for (std::size_t k = 0; k < p.n_sal; ++k) xsr[k] = xr[sal[k]];
+    }
+    for (std::size_t g = 0; !p.deq && g < p.sgroups; ++g) {
       float t = 0.0f;
       for (std::size_t k = g * p.gsize; k < std::min(p.n_sal, (g + 1) * p.gsize); ++k) t += xsr[k];
       p.gsum[b * p.sgroups + g] = t;
     }
   }
-  p.c1.resize(v.out);
-  p.c0.resize(v.out);
-  for (std::size_t o = 0; o < v.out; ++o) {
-    const float a = half_bits_to_float(v.alpha[o]), m = half_bits_to_float(v.mu[o]),
-                r = half_bits_to_float(v.r1[o]);
-    p.c1[o] = r * (2.0f * a);
-    p.c0[o] = r * (m - a);
+  {
+    std::vector<float> al, mu, r1;
+    ptq161_halves(v.alpha, v.out, al);
+    ptq161_halves(v.mu, v.out, mu);
+    ptq161_halves(v.r1, v.out, r1);
+    p.c1.resize(v.out);
+    p.c0.resize(v.out);
+    for (std::size_t o = 0; o < v.out; ++o) {
+      p.c1[o] = r1[o] * (2.0f * al[o]);
+      p.c0[o] = r1[o] * (mu[o] - al[o]);
+    }
   }
-  p.ssc.resize(v.out * p.sgroups);
-  p.sscz.resize(v.out * p.sgroups);
-  for (std::size_t i = 0; i < v.out * p.sgroups; ++i) {
-    p.ssc[i] = half_bits_to_float(v.sal.scales[i]);
-    p.sscz[i] = p.ssc[i] * half_bits_to_float(v.sal.zeros[i]);
+  if (p.n_sal > 0) {
+    const std::size_t ng = v.out * p.sgroups;
+    ptq161_halves(v.sal.scales, ng, p.ssc);
+    ptq161_halves(v.sal.zeros, ng, p.szf);
+    if (!p.deq) {
+      p.sscz.resize(ng);
+      for (std::size_t i = 0; i < ng; ++i) p.sscz[i] = p.ssc[i] * p.szf[i];
+    }
   }
   const bool par = nt > 1 && v.out * v.in * batch >= kPtq161ParallelWork;
   const int ntu = par ? nt : 1;

@@ -68,17 +68,27 @@ struct Ptq161Prep {
   std::vector<float> gsum;  ///< batch (rounded up to 8) x sgroups: sum of xs over each group
   std::vector<float> c1, c0;  ///< out
   std::vector<float> ssc, sscz;  ///< out x sgroups: salient scale s and s * z
+  std::vector<float> szf;        ///< out x sgroups: salient zero z
+  /// 4-bit salient codes on the AVX-512 path: each run of 32 codes is decoded to the
+  /// dequantized weights s (q - z) by a 16-entry register table (vpermps), even codes
+  /// first, then odd ones; xs is stored in that order (xs[32c + i] = x of code 32c + 2i,
+  /// xs[32c + 16 + i] = x of code 32c + 2i + 1) and no group correction is needed.
+  bool deq = false;
 };
 
-/// Decode the salient codes of row o (n_sal of them, `bits` wide) into q[0..nsp), zero padded.
+/// Decode the salient codes of row o (n of them, BITS wide) into q[0..nsp), nsp = n rounded
+/// up to 32; the entries past n are zero (the stream's tail bits are zero).
 template <int BITS>
 inline void ptq161_decode_row_generic(const std::uint32_t* row, std::size_t n, std::size_t nsp,
                                       float* q) {
   const std::size_t words = packed_words(n, BITS);
   std::size_t c = 0;
-  for (; (c + 1) * BITS <= words && (c + 1) * 32 <= n; ++c) decode32<BITS>(row, c, q + 32 * c);
-  for (std::size_t j = 32 * c; j < n; ++j) q[j] = static_cast<float>(get_code(row, j, BITS));
-  for (std::size_t j = n; j < nsp; ++j) q[j] = 0.0f;
+  for (; (c + 1) * BITS <= words; ++c) decode32<BITS>(row, c, q + 32 * c);
+  if (32 * c < nsp) {  // the last, partial run of 32 codes: from a zero-padded copy
+    std::uint32_t tail[BITS] = {};
+    for (std::size_t w = c * BITS; w < words; ++w) tail[w - c * BITS] = row[w];
+    decode32<BITS>(tail, 0, q + 32 * c);
+  }
 }
 
 inline void ptq161_decode_row_any(const UniformView& s, std::size_t o, std::size_t nsp, float* q) {
@@ -97,6 +107,15 @@ inline void ptq161_decode_row_any(const UniformView& s, std::size_t o, std::size
 #if defined(SQLLM_X86_SIMD)
 namespace ptq161_x86 {
 
+/// fp16 bits -> float (exact), 8 at a time with F16C.
+__attribute__((target("avx2,f16c"))) inline void halves_to_floats_f16c(const std::uint16_t* h,
+                                                                         std::size_t n, float* f) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) f[i] = half_bits_to_float(h[i]);
+}
+
 // ---- shared helpers ---------------------------------------------------------------
 
 SQLLM_TARGET_AVX2 inline float hsum256(__m256 v) {
@@ -107,15 +126,24 @@ SQLLM_TARGET_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+/// Run c (32 codes) of a 4-bit row as bytes; the last run may be partial: a masked load
+/// (words past the row are neither read nor faulted on, and read as zero).
+SQLLM_TARGET_AVX2 inline __m128i load_run4(const std::uint32_t* row, std::size_t words, std::size_t c) {
+  if ((c + 1) * 4 <= words) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 4 * c));
+  const int n = static_cast<int>(words - 4 * c);  // 1..3
+  const __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_setr_epi32(0, 1, 2, 3));
+  return _mm_maskload_epi32(reinterpret_cast<const int*>(row + 4 * c), m);
+}
+
 /// 4-bit codes of row o into q (32 at a time by nibble unpacking), zero padded to nsp.
 SQLLM_TARGET_AVX2 inline void decode_row4(const UniformView& s, std::size_t o, std::size_t nsp,
                                           float* q) {
   const std::size_t words = packed_words(s.in, 4);
   const std::uint32_t* row = s.qweight + o * words;
   const __m128i low = _mm_set1_epi8(0x0F);
-  std::size_t c = 0;
-  for (; (c + 1) * 4 <= words && (c + 1) * 32 <= s.in; ++c) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 4 * c));
+  const std::size_t runs = nsp / 32;  // the last run may be partial: decoded from a zero-padded copy
+  for (std::size_t c = 0; c < runs; ++c) {
+    const __m128i v = load_run4(row, words, c);
     const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
     const __m128i a = _mm_unpacklo_epi8(lo, hi), b = _mm_unpackhi_epi8(lo, hi);  // codes 0..15, 16..31
     float* d = q + 32 * c;
@@ -124,8 +152,6 @@ SQLLM_TARGET_AVX2 inline void decode_row4(const UniformView& s, std::size_t o, s
     _mm256_storeu_ps(d + 16, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)));
     _mm256_storeu_ps(d + 24, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))));
   }
-  for (std::size_t j = 32 * c; j < s.in; ++j) q[j] = static_cast<float>(get_code(row, j, 4));
-  for (std::size_t j = s.in; j < nsp; ++j) q[j] = 0.0f;
 }
 
 SQLLM_TARGET_AVX2 inline void decode_row(const UniformView& s, std::size_t o, std::size_t nsp, float* q) {
@@ -133,6 +159,43 @@ SQLLM_TARGET_AVX2 inline void decode_row(const UniformView& s, std::size_t o, st
     decode_row4(s, o, nsp, q);
   else
     ptq161_decode_row_any(s, o, nsp, q);
+}
+
+/// The 16 dequantized values s (k - z), k = 0..15, of row o's group g.
+SQLLM_TARGET_AVX512 inline __m512 deq_table(const Ptq161Prep& p, std::size_t o, std::size_t g) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_mul_ps(_mm512_set1_ps(p.ssc[o * p.sgroups + g]),
+                       _mm512_sub_ps(iota, _mm512_set1_ps(p.szf[o * p.sgroups + g])));
+}
+
+/// decode_row for the AVX-512 paths.  p.deq: the dequantized weights of row o in the
+/// even/odd order of Ptq161Prep::deq; otherwise the codes (16 per store, so the zmm
+/// loads of q that follow are forwarded from single stores).
+SQLLM_TARGET_AVX512 inline void decode_row_512(const Ptq161Prep& p, const UniformView& s, std::size_t o,
+                                               float* q) {
+  const std::size_t nsp = p.nsp;
+  if (s.bits != 4) return ptq161_decode_row_any(s, o, nsp, q);
+  const std::size_t words = packed_words(s.in, 4);
+  const std::uint32_t* row = s.qweight + o * words;
+  const std::size_t runs = nsp / 32;
+  if (p.deq) {
+    std::size_t g = 0;
+    __m512 tbl = deq_table(p, o, 0);
+    for (std::size_t c = 0; c < runs; ++c) {
+      if ((32 * c) / p.gsize != g) tbl = deq_table(p, o, g = (32 * c) / p.gsize);
+      const __m512i dw = _mm512_cvtepu8_epi32(load_run4(row, words, c));
+      _mm512_storeu_ps(q + 32 * c, _mm512_permutexvar_ps(dw, tbl));
+      _mm512_storeu_ps(q + 32 * c + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(dw, 4), tbl));
+    }
+    return;
+  }
+  const __m128i low = _mm_set1_epi8(0x0F);
+  for (std::size_t c = 0; c < runs; ++c) {
+    const __m128i v = load_run4(row, words, c);
+    const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+    _mm512_storeu_ps(q + 32 * c, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))));
+    _mm512_storeu_ps(q + 32 * c + 16, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi))));
+  }
 }
 
 /// Lane b of the result = the sum of the 8 lanes of a[b].
@@ -258,8 +321,28 @@ SQLLM_TARGET_AVX512 void small_rows_avx512(const Ptq161Prep& p, const Ptq161View
         tot[b] = _mm512_mul_ps(c1, _mm512_add_ps(acc[r][b][0], acc[r][b][1]));
         corr[b] = p.c0[o] * p.S[b0 + b];
       }
-      if (p.n_sal > 0) {
-        decode_row(v.sal, o, p.nsp, q);
+      if (p.n_sal > 0 && p.deq) {
+        // fused: each run of 32 codes -> 2 x 16 dequantized weights by the group's table, FMA
+        const std::size_t words = packed_words(v.sal.in, 4);
+        const std::uint32_t* row = v.sal.qweight + o * words;
+        __m512 d[NB][2];
+        for (int b = 0; b < NB; ++b) d[b][0] = d[b][1] = _mm512_setzero_ps();
+        std::size_t g = 0;
+        __m512 tbl = deq_table(p, o, 0);
+        for (std::size_t c = 0; c < p.nsp / 32; ++c) {
+          if ((32 * c) / p.gsize != g) tbl = deq_table(p, o, g = (32 * c) / p.gsize);
+          const __m512i dw = _mm512_cvtepu8_epi32(load_run4(row, words, c));
+          const __m512 q0 = _mm512_permutexvar_ps(dw, tbl);
+          const __m512 q1 = _mm512_permutexvar_ps(_mm512_srli_epi32(dw, 4), tbl);
+          for (int b = 0; b < NB; ++b) {
+            const float* xr = p.xs.data() + (b0 + b) * p.nsp + 32 * c;
+            d[b][0] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(xr), d[b][0]);
+            d[b][1] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xr + 16), d[b][1]);
+          }
+        }
+        for (int b = 0; b < NB; ++b) tot[b] = _mm512_add_ps(tot[b], _mm512_add_ps(d[b][0], d[b][1]));
+      } else if (p.n_sal > 0) {
+        decode_row_512(p, v.sal, o, q);
         for (std::size_t g = 0; g < p.sgroups; ++g) {
           const std::size_t k0 = g * p.gsize, k1 = std::min(p.nsp, k0 + p.gsize);
           __m512 d[NB][2];
@@ -359,8 +442,14 @@ SQLLM_TARGET_AVX2 void finish_rows_x86(const Ptq161Prep& p, const Ptq161View& v,
   for (std::size_t o = o0; o < o1; ++o) {
     const __m256 P = p.n_bin > 0 ? _mm256_loadu_ps(acc + o * 8) : _mm256_setzero_ps();
     __m256 tot = _mm256_fmadd_ps(_mm256_set1_ps(p.c1[o]), P, _mm256_mul_ps(_mm256_set1_ps(p.c0[o]), Sv));
-    if (p.n_sal > 0) {
-      decode_row(v.sal, o, p.nsp, q);
+    if (p.n_sal > 0 && p.deq) {
+      decode_row_512(p, v.sal, o, q);
+      tot = _mm256_add_ps(tot, dots8_avx512(q, p.xs.data() + b0 * p.nsp, p.nsp, 0, p.nsp));
+    } else if (p.n_sal > 0) {
+      if (AVX512)
+        decode_row_512(p, v.sal, o, q);
+      else
+        decode_row(v.sal, o, p.nsp, q);
       const float* xs = p.xs.data() + b0 * p.nsp;
       for (std::size_t g = 0; g < p.sgroups; ++g) {
         const std::size_t k0 = g * p.gsize, k1 = std::min(p.nsp, k0 + p.gsize);
