@@ -29,6 +29,14 @@
 // short vector.  fp32 accumulate; OpenMP over batch tiles (16 rows or more) or
 // output rows (smaller batches), each output summed by one thread in a fixed
 // order (the result does not depend on the thread count).
+//
+// That is the portable (scalar) path.  ptq161_matmul picks it or an x86 SIMD
+// path at run time (CpuKernel, cpu_features.hpp: the best the CPU has, or
+// SQLLM_CPU_KERNEL, or the caller's choice): detail/binary_matmul_simd.hpp,
+// with the rank-1 factor folded (y_bin = c1 P + c0 S, P the sum of the inputs
+// whose sign bit is set), masked adds below 4 batch rows and per-8 tables over
+// 8-row tiles above, and the salient codes decoded per row.  On small-integer
+// data every path gives exactly the reference (tests/python/test_ptq161_kernel.py).
 #pragma once
 
 #include <algorithm>
