@@ -37,6 +37,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import saved_bits_per_weight  # noqa: E402
 
 
+def bench_kernel_cold(repeats: int, threads: int, shapes, mib: int) -> None:
+    """As bench_kernel, but each call uses the next of K distinct layers, K such that
+    the fp32 weights take ``mib`` MiB (past the last-level cache): the weights come from
+    memory, as in a model's forward, rather than staying cached between calls."""
+    from sqllm.ptq161 import ptq161_linear, salient_mask
+
+    torch.set_num_threads(threads)
+    print(f"\ncold weights: calls cycle through K distinct layers of {mib} MiB of fp32 weights in all; "
+          f"threads {threads}; µs per call, min / median of {repeats} repeats")
+    print("| shape (out×in) | K | batch | fp32 F.linear | packed layer | F.linear / layer (min) |")
+    print("|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(1)
+    for out, inn in shapes:
+        k = max(2, mib * 2 ** 20 // (out * inn * 4))
+        ws, layers = [], []
+        for _ in range(k):
+            w = torch.randn(out, inn, generator=g) * 0.02
+            lay = ptq161_linear(w, salient_mask(torch.rand(inn, generator=g), 0.2))
+            ws.append(lay.dequantize())
+            layers.append(lay)
+        for batch in (1, 8):
+            x = torch.randn(batch, inn, generator=g)
+            with torch.no_grad():
+                for lay in layers:
+                    lay(x)  # builds each layer's handle once
+                fns = {"flin": lambda: [torch.nn.functional.linear(x, w) for w in ws],
+                       "layer": lambda: [lay(x) for lay in layers]}
+                ts: Dict[str, List[float]] = {key: [] for key in fns}
+                for _ in range(repeats):
+                    for key, fn in fns.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        ts[key].append((time.perf_counter() - t0) / k * 1e6)
+            f = {key: (min(v), statistics.median(v)) for key, v in ts.items()}
+            print(f"| {out}×{inn} | {k} | {batch} | {f['flin'][0]:.1f} / {f['flin'][1]:.1f} | "
+                  f"{f['layer'][0]:.1f} / {f['layer'][1]:.1f} | {f['flin'][0] / f['layer'][0]:.2f}× |",
+                  flush=True)
+        del ws, layers
+
+
 def bench_kernel(repeats: int, threads: int, shapes) -> None:
     import sqllm  # noqa: F401
     from sqllm import _C
@@ -192,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shapes", nargs="+", default=["576x576", "1536x576", "576x1536", "4096x4096"],
                     help="out x in of the --kernel layers")
+    ap.add_argument("--cold-mib", type=int, default=256,
+                    help="--kernel also with the weights cycled through this many MiB of fp32 "
+                         "layers (0: skip)")
     ap.add_argument("--configs", nargs="+", default=["bin", "ptq", "rtn2", "gptq2"],
                     choices=list(CONFIGS))
     ap.add_argument("--fp", action="store_true", help="also evaluate the fp32 model")
@@ -210,8 +253,10 @@ def main(argv=None) -> int:
     if not (args.kernel or args.quality):
         ap.error("give --kernel and/or --quality")
     if args.kernel:
-        bench_kernel(args.repeats, args.threads, [tuple(int(v) for v in sh.split("x"))
-                                                   for sh in args.shapes])
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes]
+        bench_kernel(args.repeats, args.threads, shapes)
+        if args.cold_mib:
+            bench_kernel_cold(args.repeats, args.threads, shapes, args.cold_mib)
     if args.quality:
         bench_quality(args)
     return 0
