@@ -105,6 +105,13 @@ inline void ptq161_decode_row_any(const UniformView& s, std::size_t o, std::size
 }
 
 #if defined(SQLLM_X86_SIMD)
+// GCC 12 reports the intrinsics' own "undefined" placeholders (`__m512 __Y = __Y;`
+// in avx512fintrin.h) as uninitialised when they are inlined here: false positives.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 namespace ptq161_x86 {
 
 /// fp16 bits -> float (exact), 8 at a time with F16C.
@@ -476,6 +483,9 @@ inline void transpose_tile(const Ptq161Prep& p, std::size_t b0, std::size_t nb, 
 }
 
 }  // namespace ptq161_x86
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif  // SQLLM_X86_SIMD
 
 }  // namespace detail
