@@ -83,9 +83,44 @@ Ptq161View ptq161_view(const Ptq161Arrays& a, int wbits, int group_size, std::si
       py::arg("r2"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("wbits"), \
       py::arg("group_size"), py::arg("in_features")
 
+/// A layer's arrays and their validated view, kept between calls: a matmul then
+/// converts only x.
+struct Ptq161Handle {
+  Ptq161Arrays a;
+  Ptq161View v;
+};
+
 }  // namespace
 
 void init_ptq161(py::module_& m) {
+  py::class_<Ptq161Handle>(m, "Ptq161Handle",
+                           "A ptq161 layer's buffers, validated once; matmul(x) multiplies.")
+      .def(py::init([](SQLLM_PTQ161_ARGS) {
+             auto h = std::unique_ptr<Ptq161Handle>(
+                 new Ptq161Handle{Ptq161Arrays{mask, signs, alpha, mu, r1, r2, qweight, scales, zeros}, {}});
+             h->v = ptq161_view(h->a, wbits, group_size, in_features);
+             check_ptq161_view(h->v);
+             return h;
+           }),
+           SQLLM_PTQ161_PYARGS)
+      .def(
+          "matmul",
+          [](const Ptq161Handle& h, const carray<float>& x, int num_threads, const std::string& kernel) {
+            const CpuKernel ker = parse_cpu_kernel(kernel);
+            check_ndim(x, 2, "x");
+            SQLLM_CHECK(static_cast<std::size_t>(x.shape(1)) == h.v.in, "x has ", x.shape(1),
+                        " features but the layer expects in_features=", h.v.in);
+            const auto batch = static_cast<std::size_t>(x.shape(0));
+            carray<float> y({batch, h.v.out});
+            {
+              py::gil_scoped_release nogil;
+              ptq161_matmul(h.v, x.data(), batch, y.mutable_data(), num_threads, /*checked=*/true, ker);
+            }
+            return y;
+          },
+          py::arg("x"), py::arg("num_threads") = 0, py::arg("kernel") = "auto",
+          "y = x Ŵᵀ (as ptq161_matmul with the handle's buffers).");
+
   m.def(
       "check_ptq161",
       [](SQLLM_PTQ161_ARGS) {
@@ -109,7 +144,8 @@ void init_ptq161(py::module_& m) {
   m.def(
       "ptq161_matmul",
       [](const carray<float>& x, SQLLM_PTQ161_ARGS, int num_threads, bool checked,
-         bool reference) {
+         bool reference, const std::string& kernel) {
+        const CpuKernel ker = parse_cpu_kernel(kernel);
         const Ptq161Arrays a{mask, signs, alpha, mu, r1, r2, qweight, scales, zeros};
         const Ptq161View v = ptq161_view(a, wbits, group_size, in_features);
         check_ndim(x, 2, "x");
@@ -123,15 +159,17 @@ void init_ptq161(py::module_& m) {
             check_ptq161_view(v);
             ptq161_matmul_reference(v, x.data(), batch, y.mutable_data());
           } else {
-            ptq161_matmul(v, x.data(), batch, y.mutable_data(), num_threads, checked);
+            ptq161_matmul(v, x.data(), batch, y.mutable_data(), num_threads, checked, ker);
           }
         }
         return y;
       },
       py::arg("x"), SQLLM_PTQ161_PYARGS, py::arg("num_threads") = 0, py::arg("checked") = false,
-      py::arg("reference") = false,
-      "y = x Ŵᵀ for a ptq161 layer: per-8-input sign tables for the binary part, the uniform\n"
-      "kernel for the salient part (reference=True: the plain scalar loop).");
+      py::arg("reference") = false, py::arg("kernel") = "auto",
+      "y = x Ŵᵀ for a ptq161 layer (reference=True: the plain scalar loop).  kernel: auto |\n"
+      "scalar (per-8-input sign tables, the uniform kernel for the salient part) | avx2 |\n"
+      "avx512 (masked adds below 4 batch rows, per-8 sign tables above; a path the CPU lacks\n"
+      "raises ValueError).");
 }
 
 }  // namespace bind

@@ -29,6 +29,14 @@
 // short vector.  fp32 accumulate; OpenMP over batch tiles (16 rows or more) or
 // output rows (smaller batches), each output summed by one thread in a fixed
 // order (the result does not depend on the thread count).
+//
+// That is the portable (scalar) path.  ptq161_matmul picks it or an x86 SIMD
+// path at run time (CpuKernel, cpu_features.hpp: the best the CPU has, or
+// SQLLM_CPU_KERNEL, or the caller's choice): detail/binary_matmul_simd.hpp,
+// with the rank-1 factor folded (y_bin = c1 P + c0 S, P the sum of the inputs
+// whose sign bit is set), masked adds below 4 batch rows and per-8 tables over
+// 8-row tiles above, and the salient codes decoded per row.  On small-integer
+// data every path gives exactly the reference (tests/python/test_ptq161_kernel.py).
 #pragma once
 
 #include <algorithm>
@@ -38,6 +46,7 @@
 #include <exception>
 #include <vector>
 
+#include "sqllm/cpu_features.hpp"
 #include "sqllm/error.hpp"
 #include "sqllm/half.hpp"
 #include "sqllm/packing.hpp"
@@ -165,6 +174,13 @@ inline void ptq161_matmul_reference(const Ptq161View& v, const float* x, std::si
     }
 }
 
+}  // namespace sqllm
+
+// the SIMD paths (they use Ptq161View)
+#include "sqllm/detail/binary_matmul_simd.hpp"
+
+namespace sqllm {
+
 namespace detail {
 
 /// Batch rows per table: a lookup adds TB floats.
@@ -229,24 +245,232 @@ inline void ptq161_gather(const float* x, std::size_t in, const std::vector<std:
   }
 }
 
+#if defined(SQLLM_X86_SIMD)
+/// Work (out * in * batch) below which a call runs on one thread.
+constexpr std::size_t kPtq161ParallelWork = std::size_t{1} << 20;
+
+/// fp16 bits -> float for the x86 paths (F16C where the CPU has it; the same values).
+inline void ptq161_halves(const std::uint16_t* h, std::size_t n, std::vector<float>& f) {
+  f.resize(n);
+  static const bool f16c = __builtin_cpu_supports("f16c");
+  if (f16c) return ptq161_x86::halves_to_floats_f16c(h, n, f.data());
+  for (std::size_t i = 0; i < n; ++i) f[i] = half_bits_to_float(h[i]);
+}
+
+/// S and the salient group sums of the 8 rows of the tile at b0, transposed (zero past the batch).
+inline void ptq161_tile_sums(const Ptq161Prep& p, std::size_t b0, float* ST, std::vector<float>& gsT) {
+  gsT.assign(std::max<std::size_t>(p.sgroups, 1) * 8, 0.0f);
+  for (std::size_t b = 0; b < 8; ++b) {
+    ST[b] = b0 + b < p.batch ? p.S[b0 + b] : 0.0f;
+    for (std::size_t g = 0; g < p.sgroups; ++g) gsT[g * 8 + b] = p.gsum[(b0 + b) * p.sgroups + g];
+  }
+}
+
+/// The AVX2 / AVX-512 matmul (detail/binary_matmul_simd.hpp); the view is valid.
+template <bool AVX512>
+void ptq161_matmul_x86(const Ptq161View& v, const float* x, std::size_t batch, float* y, int nt) {
+  namespace K = ptq161_x86;
+  std::vector<std::size_t> sal, bin;
+  ptq161_channels(v, sal, bin);
+  Ptq161Prep p;
+  p.batch = batch;
+  p.out = v.out;
+  p.n_bin = bin.size();
+  p.n_sal = sal.size();
+  p.sb = ptq161_sign_bytes(p.n_bin);
+  p.nbp = (p.n_bin + 15) / 16 * 16;
+  p.nsp = (p.n_sal + 31) / 32 * 32;
+  p.sgroups = p.n_sal ? v.sal.groups() : 0;
+  p.gsize = v.sal.group_size < 0 ? p.nsp : static_cast<std::size_t>(v.sal.group_size);
+  p.deq = AVX512 && p.n_sal > 0 && v.sal.bits == 4;
+  p.xb.assign(batch * p.nbp, 0.0f);
+  p.S.assign(batch, 0.0f);
+  const std::size_t rows_pad = (batch + 7) / 8 * 8;
+  p.xs.assign(rows_pad * p.nsp, 0.0f);
+  p.gsum.assign(rows_pad * p.sgroups, 0.0f);
+  std::vector<float> r2;
+  ptq161_halves(v.r2, p.n_bin, r2);
+  for (std::size_t b = 0; b < batch; ++b) {
+    const float* xr = x + b * v.in;
+    float* xbr = p.xb.data() + b * p.nbp;
+    float s = 0.0f;
+    for (std::size_t j = 0; j < p.n_bin; ++j) {
+      xbr[j] = r2[j] * xr[bin[j]];
+      s += xbr[j];
+    }
+    p.S[b] = s;
+    float* xsr = p.xs.data() + b * p.nsp;
+    if (p.deq) {  // even codes of each run of 32 first, then odd ones
+      for (std::size_t k = 0; k < p.n_sal; ++k) {
+        const std::size_t run = k & ~std::size_t{31}, i = k & 31u;
+        xsr[run + (i & 1u) * 16 + (i >> 1)] = xr[sal[k]];
+      }
+    } else {
+      for (std::size_t k = 0; k < p.n_sal; ++k) xsr[k] = xr[sal[k]];
+    }
+    for (std::size_t g = 0; !p.deq && g < p.sgroups; ++g) {
+      float t = 0.0f;
+      for (std::size_t k = g * p.gsize; k < std::min(p.n_sal, (g + 1) * p.gsize); ++k) t += xsr[k];
+      p.gsum[b * p.sgroups + g] = t;
+    }
+  }
+  {
+    std::vector<float> al, mu, r1;
+    ptq161_halves(v.alpha, v.out, al);
+    ptq161_halves(v.mu, v.out, mu);
+    ptq161_halves(v.r1, v.out, r1);
+    p.c1.resize(v.out);
+    p.c0.resize(v.out);
+    for (std::size_t o = 0; o < v.out; ++o) {
+      p.c1[o] = r1[o] * (2.0f * al[o]);
+      p.c0[o] = r1[o] * (mu[o] - al[o]);
+    }
+  }
+  if (p.n_sal > 0) {
+    const std::size_t ng = v.out * p.sgroups;
+    ptq161_halves(v.sal.scales, ng, p.ssc);
+    ptq161_halves(v.sal.zeros, ng, p.szf);
+    if (!p.deq) {
+      p.sscz.resize(ng);
+      for (std::size_t i = 0; i < ng; ++i) p.sscz[i] = p.ssc[i] * p.szf[i];
+    }
+  }
+  const bool par = nt > 1 && v.out * v.in * batch >= kPtq161ParallelWork;
+  const int ntu = par ? nt : 1;
+  const auto outs = static_cast<std::ptrdiff_t>(v.out);
+  std::vector<float> qbuf(static_cast<std::size_t>(ntu) * std::max<std::size_t>(p.nsp, 1));
+  auto tid = [] {
+#ifdef _OPENMP
+    return static_cast<std::size_t>(omp_get_thread_num());
+#else
+    return std::size_t{0};
+#endif
+  };
+
+  if (batch < kPtq161TableBatch) {
+    // blocks of 16 output rows over the threads
+    const auto blocks = static_cast<std::ptrdiff_t>((v.out + 15) / 16);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(ntu)
+#endif
+    for (std::ptrdiff_t blk = 0; blk < blocks; ++blk) {
+      float* q = qbuf.data() + tid() * std::max<std::size_t>(p.nsp, 1);
+      const std::size_t o0 = static_cast<std::size_t>(blk) * 16, o1 = std::min(v.out, o0 + 16);
+      auto run = AVX512 ? (batch == 3   ? &K::small_rows_avx512<3>
+                           : batch == 2 ? &K::small_rows_avx512<2>
+                                        : &K::small_rows_avx512<1>)
+                        : (batch == 3   ? &K::small_rows_avx2<3>
+                           : batch == 2 ? &K::small_rows_avx2<2>
+                                        : &K::small_rows_avx2<1>);
+      run(p, v, 0, o0, o1, q, y);
+    }
+    return;
+  }
+
+  // tiles of 8 batch rows: tables per chunk of groups, reused by every output row
+  constexpr std::size_t TB = 8, GC = kPtq161TableChunk;
+  const std::size_t tiles = (batch + TB - 1) / TB;
+  const std::size_t G = p.sb;
+  const std::size_t tsize = GC * 256 * TB, xtsize = std::max<std::size_t>(G * 8 * TB, 1);
+  if (par && tiles >= static_cast<std::size_t>(ntu)) {
+    // each thread its own tiles, tables and accumulators
+    std::vector<float> T(static_cast<std::size_t>(ntu) * tsize), xT(static_cast<std::size_t>(ntu) * xtsize),
+        acc(static_cast<std::size_t>(ntu) * v.out * TB);
+    const auto nt_tiles = static_cast<std::ptrdiff_t>(tiles);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(ntu)
+#endif
+    for (std::ptrdiff_t t = 0; t < nt_tiles; ++t) {
+      const std::size_t me = tid();
+      const std::size_t b0 = static_cast<std::size_t>(t) * TB, nb = std::min(TB, batch - b0);
+      float* Tm = T.data() + me * tsize;
+      float* xTm = xT.data() + me * xtsize;
+      float* am = acc.data() + me * v.out * TB;
+      if (G > 0) {
+        K::transpose_tile(p, b0, nb, xTm);
+        for (std::size_t g0 = 0; g0 < G; g0 += GC) {
+          const std::size_t g1 = std::min(G, g0 + GC);
+          K::build_tables(xTm, g0, g1, Tm);
+          K::lookup_rows(p, v, Tm, g0, g1, 0, v.out, am);
+        }
+      }
+      float ST[TB];
+      std::vector<float> gsT;
+      detail::ptq161_tile_sums(p, b0, ST, gsT);
+      K::finish_rows_x86<AVX512>(p, v, am, ST, gsT.data(), b0, nb, 0, v.out,
+                                 qbuf.data() + me * std::max<std::size_t>(p.nsp, 1), y);
+    }
+    return;
+  }
+  // one tile at a time, its tables shared by the threads (groups, then rows, split)
+  std::vector<float> T(tsize), xT(xtsize), acc(v.out * TB);
+  for (std::size_t b0 = 0; b0 < batch; b0 += TB) {
+    const std::size_t nb = std::min(TB, batch - b0);
+    if (G > 0) K::transpose_tile(p, b0, nb, xT.data());
+    float ST[TB];
+    std::vector<float> gsT;
+    detail::ptq161_tile_sums(p, b0, ST, gsT);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(ntu)
+#endif
+    {
+      for (std::size_t g0 = 0; g0 < G; g0 += GC) {
+        const std::size_t g1 = std::min(G, g0 + GC);
+        const auto ng = static_cast<std::ptrdiff_t>(g1 - g0);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (std::ptrdiff_t g = 0; g < ng; ++g) {
+          const std::size_t gg = g0 + static_cast<std::size_t>(g);
+          K::build_tables(xT.data(), gg, gg + 1, T.data() + static_cast<std::size_t>(g) * 256 * TB);
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (std::ptrdiff_t o = 0; o < outs; ++o)
+          K::lookup_rows(p, v, T.data(), g0, g1, static_cast<std::size_t>(o),
+                         static_cast<std::size_t>(o) + 1, acc.data());
+      }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (std::ptrdiff_t o = 0; o < outs; ++o)
+        K::finish_rows_x86<AVX512>(p, v, acc.data(), ST, gsT.data(), b0, nb, static_cast<std::size_t>(o),
+                                   static_cast<std::size_t>(o) + 1,
+                                   qbuf.data() + tid() * std::max<std::size_t>(p.nsp, 1), y);
+    }
+  }
+}
+#endif  // SQLLM_X86_SIMD
+
 }  // namespace detail
 
 /// y = x Ŵᵀ (x: batch x in, y: batch x out, row-major fp32).  The view is
-/// validated here unless `checked`.
+/// validated here unless `checked`.  `kernel` picks the path (Auto: the best
+/// the CPU has, or SQLLM_CPU_KERNEL): Scalar is the portable sign-table loop
+/// below, Avx2 / Avx512 detail/binary_matmul_simd.hpp.
 ///
 /// One OpenMP region per call and no barrier inside it: batches of at least 16
 /// rows split their tiles of 8 rows over the threads (each builds its own
 /// tables and does every output row); smaller batches build the tables of a
 /// tile (8 rows, or 1 row at a time below 8) first and split the output rows.
 inline void ptq161_matmul(const Ptq161View& v, const float* x, std::size_t batch, float* y,
-                          int num_threads = 0, bool checked = false) {
+                          int num_threads = 0, bool checked = false,
+                          CpuKernel kernel = CpuKernel::Auto) {
   if (!checked) check_ptq161_view(v);
+  const CpuKernel ker = resolve_cpu_kernel(kernel);
   if (batch == 0) return;
 #ifdef _OPENMP
   const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
 #else
   const int nt = 1;
   (void)num_threads;
+#endif
+#if defined(SQLLM_X86_SIMD)
+  if (ker == CpuKernel::Avx512) return detail::ptq161_matmul_x86<true>(v, x, batch, y, nt);
+  if (ker == CpuKernel::Avx2) return detail::ptq161_matmul_x86<false>(v, x, batch, y, nt);
+#else
+  (void)ker;
 #endif
   std::vector<std::size_t> sal, bin;
   ptq161_channels(v, sal, bin);

@@ -204,10 +204,15 @@ class PTQ161QuantLinear(QuantLinearBase):
         return torch.from_numpy(unpack_bits(self.mask.detach().cpu().numpy(), self.in_features))
 
     def _operands(self) -> Tuple[np.ndarray, ...]:
-        bufs = [self._buffers[n] for n in self._BUFFERS]
-        key = tuple((id(b), _version_of(b)) for b in bufs)
+        b = self._buffers
+        bufs = [b[n] for n in self._BUFFERS]
+        try:  # one pass over the version counters (inference tensors have none)
+            key = (bufs, tuple([t._version for t in bufs]))
+        except RuntimeError:
+            key = (bufs, tuple(_version_of(t) for t in bufs))
         hit = self._cache.get("cpu")
-        if hit is not None and hit[0] == key:
+        if hit is not None and hit[0][1] == key[1] and \
+                all(x is y for x, y in zip(hit[0][0], bufs)):
             return hit[1]
         ops = []
         for n, b in zip(self._BUFFERS, bufs):
@@ -272,9 +277,12 @@ class PTQ161QuantLinear(QuantLinearBase):
                 self._warned_fallback = True
             return torch.nn.functional.linear(x2.to(torch.float32), self.dequantize().to(x2.device))
         xf = x2.detach().to(torch.float32).contiguous()
-        y = _C.ptq161_matmul(xf.numpy(), *self._operands(), self.wbits, self.group_size,
-                             self.in_features, 0, True, False)
-        return torch.from_numpy(y)
+        ops = self._operands()
+        hit = self._cache.get("handle")
+        if hit is None or hit[0] is not ops:  # built once per set of buffers (validated there)
+            hit = (ops, _C.Ptq161Handle(*ops, self.wbits, self.group_size, self.in_features))
+            self._cache["handle"] = hit
+        return torch.from_numpy(hit[1].matmul(xf.numpy()))
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", wbits={self.wbits}, group_size={self.group_size}, "

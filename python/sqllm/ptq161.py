@@ -40,7 +40,7 @@ from .nn_uniform import check_uniform_options
 
 __all__ = ["PTQ161", "salient_mask", "binarize", "closed_form_alpha", "salient_grid",
            "quantize_salient", "ptq161_linear", "find_norm_groups", "fold_let",
-           "fake_quant_activations", "load_masks"]
+           "fake_quant_activations", "load_masks", "fold_let_vo", "vo_heads", "expand_vo_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,52 @@ def fold_let(norm: nn.Module, linears: List[nn.Linear], scale: torch.Tensor,
     norm.weight.div_(scale.to(norm.weight.dtype))
 
 
+def vo_heads(block: nn.Module, layers: Dict[str, Any]) -> Optional[Tuple[str, str, int, int]]:
+    """The block's value and output projections for the v→o LET: ``(v name, o name, head_dim,
+    query heads per kv head)``, or None when the block has no such pair."""
+    rel = {id(m): n for n, m in block.named_modules()}
+    v = next((n for n in layers if n.endswith("v_proj")), None)
+    o = next((n for n in layers if n.endswith("o_proj")), None)
+    if v is None or o is None or id(layers[v]) not in rel or id(layers[o]) not in rel:
+        return None
+    vrel, orel = rel[id(layers[v])], rel[id(layers[o])]
+    parent = vrel.rsplit(".", 1)[0] if "." in vrel else ""
+    if parent != (orel.rsplit(".", 1)[0] if "." in orel else ""):
+        return None
+    attn = block.get_submodule(parent)
+    hd = getattr(attn, "head_dim", None)
+    groups = getattr(attn, "num_key_value_groups", None)
+    vout, oin = layers[v].weight.shape[0], layers[o].weight.shape[1]
+    if not hd or not groups or vout % hd or vout * groups != oin:
+        return None
+    return v, o, int(hd), int(groups)
+
+
+def expand_vo_scale(scale: torch.Tensor, head_dim: int, groups: int) -> torch.Tensor:
+    """A scale per value channel (kv heads × head_dim) as one per o_proj input channel: each
+    query head reads the value channels of its kv head (grouped-query attention)."""
+    return scale.view(-1, 1, head_dim).expand(-1, groups, head_dim).reshape(-1)
+
+
+@torch.no_grad()
+def fold_let_vo(v_proj: nn.Linear, o_proj: nn.Linear, scale: torch.Tensor, head_dim: int,
+                groups: int) -> None:
+    """Fold the v→o LET (OmniQuant's out-projection smoothing): value channel c is divided by
+    ``scale[c]`` (v_proj's row and bias) and every o_proj input channel that reads it is
+    multiplied by it.  Attention mixes tokens per channel (softmax(QKᵀ) V), so the block
+    computes the same function."""
+    scale = scale.detach().to(v_proj.weight.device, torch.float32)
+    if scale.shape != (v_proj.weight.shape[0],):
+        raise ValueError(f"v→o LET scale must have {v_proj.weight.shape[0]} entries, got "
+                         f"{tuple(scale.shape)}")
+    if not torch.isfinite(scale).all() or bool((scale == 0).any()):
+        raise ValueError("LET scale must be finite and non-zero")
+    v_proj.weight.div_(scale.to(v_proj.weight.dtype)[:, None])
+    if v_proj.bias is not None:
+        v_proj.bias.div_(scale.to(v_proj.bias.dtype))
+    o_proj.weight.mul_(expand_vo_scale(scale, head_dim, groups).to(o_proj.weight.dtype)[None, :])
+
+
 # -- training ---------------------------------------------------------------------
 
 class _TrainLinear(nn.Module):
@@ -249,6 +295,8 @@ class _TrainLinear(nn.Module):
         self.sal_idx = torch.nonzero(self.mask).flatten()
         self.wbits, self.group_size, self.abits = wbits, group_size, abits
         self.let_scale = let_scale
+        self.let_out: Optional[nn.Parameter] = None  # v→o LET on this layer's rows (v_proj)
+        self.let_vo_in: Optional[Tuple[nn.Parameter, int, int]] = None  # ... on its columns (o_proj)
         weff = self._weff()
         _, a0, _ = binarize(weff, self.mask)
         self.alpha = nn.Parameter(a0.clone())
@@ -264,7 +312,18 @@ class _TrainLinear(nn.Module):
             self.lwc_hi = nn.Parameter(torch.full((w.shape[0], groups), 4.0, device=w.device))
 
     def _weff(self) -> torch.Tensor:
-        return self.w if self.let_scale is None else self.w * self.let_scale[None, :]
+        w = self.w if self.let_scale is None else self.w * self.let_scale[None, :]
+        if self.let_out is not None:
+            w = w / self.let_out[:, None]
+        if self.let_vo_in is not None:
+            p, hd, groups = self.let_vo_in
+            w = w * expand_vo_scale(p, hd, groups)[None, :]
+        return w
+
+    def _bias(self) -> Optional[torch.Tensor]:
+        if self.bias is None or self.let_out is None:
+            return self.bias
+        return self.bias / self.let_out
 
     def weight_hat(self) -> torch.Tensor:
         weff = self._weff()
@@ -289,7 +348,7 @@ class _TrainLinear(nn.Module):
         if self.let_scale is not None:
             x = x / self.let_scale
         x = fake_quant_activations(x, self.abits)
-        return F.linear(x, self.weight_hat(), self.bias)
+        return F.linear(x, self.weight_hat(), self._bias())
 
     def to_packed(self, bias: Optional[torch.Tensor]) -> PTQ161QuantLinear:
         return ptq161_linear(self._weff().detach(), self.mask.cpu(), wbits=self.wbits,
@@ -380,6 +439,10 @@ class PTQ161(QuantMethod):
         Learning rate of the LWC parameters.
     let_lr : float
         Learning rate of the LET scales.
+    let_vo : bool
+        With ``let``, also the v→o scale (upstream's out-projection smoothing): per value
+        channel, dividing v_proj's rows and multiplying the o_proj columns that read it,
+        folded into both after training.
     alpha_lr : float
         Learning rate of α.
     factor_lr : float
@@ -410,6 +473,7 @@ class PTQ161(QuantMethod):
     let: bool = False
     lwc_lr: float = 1e-2
     let_lr: float = 5e-3
+    let_vo: bool = True
     alpha_lr: float = 5e-4
     factor_lr: float = 1e-3
     train_samples: int = 0
@@ -503,10 +567,26 @@ class PTQ161(QuantMethod):
                 s0 = (act.clamp(min=1e-5).sqrt() / wmax.clamp(min=1e-5).sqrt()).clamp(min=1e-5)
                 let_params.append((block.get_submodule(norm_name), names, nn.Parameter(s0)))
         let_of = {n: p for _, names, p in let_params for n in names}
+        vo = vo_heads(block, layers) if self.let and self.let_vo else None
+        vo_param: Optional[nn.Parameter] = None
+        if vo is not None:
+            vn, on, hd, grp = vo
+            act = stats["act_stats"][on]["max_abs"].to(dev, torch.float32)
+            act = act.view(-1, grp, hd).amax(dim=1).reshape(-1)
+            wmax = layers[on].weight.detach().abs().amax(dim=0).float().view(-1, grp, hd)
+            wmax = wmax.amax(dim=1).reshape(-1)
+            vo_param = nn.Parameter((act.clamp(min=1e-5).sqrt() / wmax.clamp(min=1e-5).sqrt())
+                                    .clamp(min=1e-5))
 
         rel = {id(m): n for n, m in block.named_modules()}
         train = {n: _TrainLinear(lin, masks[n], self.wbits, self.group_size, self.lwc, self.abits,
                                  let_of.get(n)) for n, lin in layers.items()}
+        if vo_param is not None:
+            train[vo[0]].let_out = vo_param
+            train[vo[1]].let_vo_in = (vo_param, vo[2], vo[3])
+            with torch.no_grad():  # α's closed-form start for the scaled weights
+                for n in vo[:2]:
+                    train[n].alpha.copy_(binarize(train[n]._weff(), train[n].mask)[1])
         params = [p for p in block.parameters()]
         req = [p.requires_grad for p in params]
         for p in params:
@@ -520,8 +600,9 @@ class PTQ161(QuantMethod):
         lwc_p = [p for t in train.values() for p in (t.lwc_lo, t.lwc_hi) if p is not None]
         if lwc_p:
             groups.append({"params": lwc_p, "lr": self.lwc_lr})
-        if let_params:
-            groups.append({"params": [p for _, _, p in let_params], "lr": self.let_lr})
+        let_all = [p for _, _, p in let_params] + ([vo_param] if vo_param is not None else [])
+        if let_all:
+            groups.append({"params": let_all, "lr": self.let_lr})
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
         gen = torch.Generator().manual_seed(self.seed + max(idx, 0))
         nb = len(block_inputs)
@@ -544,7 +625,7 @@ class PTQ161(QuantMethod):
                         loss.backward()
                         opt.step()
                         with torch.no_grad():
-                            for _, _, p in let_params:  # keep scales away from zero
+                            for p in let_all:  # keep scales away from zero
                                 p.clamp_(min=1e-5)
                         tot += float(loss.detach())
                     hist.append(tot / max(nuse, 1))
@@ -559,11 +640,13 @@ class PTQ161(QuantMethod):
         self.history[str(idx)] = hist
         for norm, names, p in let_params:
             fold_let(norm, [layers[n] for n in names], p.detach())
+        if vo_param is not None:
+            fold_let_vo(layers[vo[0]], layers[vo[1]], vo_param.detach(), vo[2], vo[3])
         out = {}
         for n, lin in layers.items():
             t = train[n]
-            if t.let_scale is not None:
-                t.let_scale = None  # the fold put the scale into lin.weight
+            if t.let_scale is not None or t.let_out is not None or t.let_vo_in is not None:
+                t.let_scale = t.let_out = t.let_vo_in = None  # the folds put the scales into lin.weight
                 t.w = lin.weight.detach().float()
             out[n] = t.to_packed(lin.bias)
         return out

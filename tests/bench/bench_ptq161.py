@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """PTQ1.61 on the embedded real model, and its packed layer against fp32 F.linear.
 
-``--kernel``: the packed layer (``PTQ161QuantLinear``, the sign-table kernel of
-include/sqllm/binary_matmul.hpp) against ``torch.nn.functional.linear`` on the
-fp32 weight it represents, in the same process, at batch 1 and 8, on the
-SmolLM2-135M widths (576x576, 1536x576, 576x1536); min and median over repeats.
+``--kernel``: the packed layer (``PTQ161QuantLinear``) and its kernel alone
+(``_C.Ptq161Handle.matmul``, include/sqllm/binary_matmul.hpp, the path
+``_C.cpu_kernel()`` picks) against ``torch.nn.functional.linear`` on the fp32
+weight it represents, in the same process, timed in turn within each repeat, at
+batch 1 and 8, on the SmolLM2-135M widths (576x576, 1536x576, 576x1536) and
+4096x4096; min and median over repeats.
 
 ``--quality``: perplexity of SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF) on
 the first ``--eval-tokens`` tokens of *Persuasion* (windows of 512), calibrated
@@ -35,41 +37,88 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import saved_bits_per_weight  # noqa: E402
 
 
-def bench_kernel(repeats: int, threads: int) -> None:
-    import sqllm  # noqa: F401
+def bench_kernel_cold(repeats: int, threads: int, shapes, mib: int) -> None:
+    """As bench_kernel, but each call uses the next of K distinct layers, K such that
+    the fp32 weights take ``mib`` MiB (past the last-level cache): the weights come from
+    memory, as in a model's forward, rather than staying cached between calls."""
     from sqllm.ptq161 import ptq161_linear, salient_mask
 
     torch.set_num_threads(threads)
-    print(f"threads {threads}; time per call in µs, min / median of {repeats} repeats "
-          f"(shared 2-core box: medians are noisy)")
-    print("| shape (out×in) | batch | fp32 F.linear | packed ptq161 | ratio (F.linear / packed, min) | bits/weight |")
+    print(f"\ncold weights: calls cycle through K distinct layers of {mib} MiB of fp32 weights in all; "
+          f"threads {threads}; µs per call, min / median of {repeats} repeats")
+    print("| shape (out×in) | K | batch | fp32 F.linear | packed layer | F.linear / layer (min) |")
     print("|---|---|---|---|---|---|")
-    g = torch.Generator().manual_seed(0)
-    for out, inn in ((576, 576), (1536, 576), (576, 1536)):
-        w = torch.randn(out, inn, generator=g) * 0.02
-        layer = ptq161_linear(w, salient_mask(torch.rand(inn, generator=g), 0.2))
-        wd = layer.dequantize()
+    g = torch.Generator().manual_seed(1)
+    for out, inn in shapes:
+        k = max(2, mib * 2 ** 20 // (out * inn * 4))
+        ws, layers = [], []
+        for _ in range(k):
+            w = torch.randn(out, inn, generator=g) * 0.02
+            lay = ptq161_linear(w, salient_mask(torch.rand(inn, generator=g), 0.2))
+            ws.append(lay.dequantize())
+            layers.append(lay)
         for batch in (1, 8):
             x = torch.randn(batch, inn, generator=g)
             with torch.no_grad():
+                for lay in layers:
+                    lay(x)  # builds each layer's handle once
+                fns = {"flin": lambda: [torch.nn.functional.linear(x, w) for w in ws],
+                       "layer": lambda: [lay(x) for lay in layers]}
+                ts: Dict[str, List[float]] = {key: [] for key in fns}
+                for _ in range(repeats):
+                    for key, fn in fns.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        ts[key].append((time.perf_counter() - t0) / k * 1e6)
+            f = {key: (min(v), statistics.median(v)) for key, v in ts.items()}
+            print(f"| {out}×{inn} | {k} | {batch} | {f['flin'][0]:.1f} / {f['flin'][1]:.1f} | "
+                  f"{f['layer'][0]:.1f} / {f['layer'][1]:.1f} | {f['flin'][0] / f['layer'][0]:.2f}× |",
+                  flush=True)
+        del ws, layers
+
+
+def bench_kernel(repeats: int, threads: int, shapes) -> None:
+    import sqllm  # noqa: F401
+    from sqllm import _C
+    from sqllm.ptq161 import ptq161_linear, salient_mask
+
+    torch.set_num_threads(threads)
+    print(f"threads {threads}, kernel path {_C.cpu_kernel()} (supported: {', '.join(_C.cpu_kernels())}); "
+          f"time per call in µs, min / median of {repeats} repeats, the three timed in turn "
+          f"within each repeat (shared box: medians are noisy)")
+    print("| shape (out×in) | batch | fp32 F.linear | packed layer | packed kernel | "
+          "F.linear / layer (min) | F.linear / kernel (min) | bits/weight |")
+    print("|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for out, inn in shapes:
+        w = torch.randn(out, inn, generator=g) * 0.02
+        layer = ptq161_linear(w, salient_mask(torch.rand(inn, generator=g), 0.2))
+        wd = layer.dequantize()
+        handle = _C.Ptq161Handle(*layer._operands(), layer.wbits, layer.group_size, inn)
+        for batch in (1, 8):
+            x = torch.randn(batch, inn, generator=g)
+            xn = x.numpy()
+            with torch.no_grad():
                 torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, wd),
                                            rtol=1e-4, atol=1e-4)
-
-                def timeit(fn) -> List[float]:
-                    for _ in range(20):
+                fns = {"flin": lambda: torch.nn.functional.linear(x, wd),
+                       "layer": lambda: layer(x),
+                       "kernel": lambda: handle.matmul(xn, threads)}
+                n = max(3, min(200, int(2e5 / (out * inn * batch / 1e3))))  # ~0.2 s of F.linear
+                for fn in fns.values():
+                    for _ in range(3):
                         fn()
-                    ts = []
-                    for _ in range(repeats):
+                ts: Dict[str, List[float]] = {k: [] for k in fns}
+                for _ in range(repeats):
+                    for k, fn in fns.items():
                         t0 = time.perf_counter()
-                        for _ in range(50):
+                        for _ in range(n):
                             fn()
-                        ts.append((time.perf_counter() - t0) / 50 * 1e6)
-                    return ts
-
-                tf = timeit(lambda: torch.nn.functional.linear(x, wd))
-                tp = timeit(lambda: layer(x))
-            print(f"| {out}×{inn} | {batch} | {min(tf):.1f} / {statistics.median(tf):.1f} | "
-                  f"{min(tp):.1f} / {statistics.median(tp):.1f} | {min(tf) / min(tp):.2f}× | "
+                        ts[k].append((time.perf_counter() - t0) / n * 1e6)
+            f = {k: (min(v), statistics.median(v)) for k, v in ts.items()}
+            print(f"| {out}×{inn} | {batch} | {f['flin'][0]:.1f} / {f['flin'][1]:.1f} | "
+                  f"{f['layer'][0]:.1f} / {f['layer'][1]:.1f} | {f['kernel'][0]:.1f} / {f['kernel'][1]:.1f} | "
+                  f"{f['flin'][0] / f['layer'][0]:.2f}× | {f['flin'][0] / f['kernel'][0]:.2f}× | "
                   f"{layer.bits_per_weight():.3f} |", flush=True)
 
 
@@ -181,6 +230,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", nargs="+", default=["576x576", "1536x576", "576x1536", "4096x4096"],
+                    help="out x in of the --kernel layers")
+    ap.add_argument("--cold-mib", type=int, default=256,
+                    help="--kernel also with the weights cycled through this many MiB of fp32 "
+                         "layers (0: skip)")
     ap.add_argument("--configs", nargs="+", default=["bin", "ptq", "rtn2", "gptq2"],
                     choices=list(CONFIGS))
     ap.add_argument("--fp", action="store_true", help="also evaluate the fp32 model")
@@ -199,7 +253,10 @@ def main(argv=None) -> int:
     if not (args.kernel or args.quality):
         ap.error("give --kernel and/or --quality")
     if args.kernel:
-        bench_kernel(args.repeats, args.threads)
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes]
+        bench_kernel(args.repeats, args.threads, shapes)
+        if args.cold_mib:
+            bench_kernel_cold(args.repeats, args.threads, shapes, args.cold_mib)
     if args.quality:
         bench_quality(args)
     return 0

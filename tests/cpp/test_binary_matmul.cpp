@@ -100,9 +100,12 @@ TEST_CASE("ptq161 kernel equals the scalar reference on odd shapes", "[ptq161]")
       std::vector<float> x(batch * c.in);
       for (auto& e : x) e = d(rng);
       std::vector<float> y(batch * c.out), yr(batch * c.out), w(c.out * c.in);
-      ptq161_matmul(v, x.data(), batch, y.data());
       ptq161_matmul_reference(v, x.data(), batch, yr.data());
       ptq161_dequantize(v, w.data());
+      for (CpuKernel k : {CpuKernel::Scalar, CpuKernel::Avx2, CpuKernel::Avx512}) {
+      if (!cpu_supports(k)) continue;
+      INFO("kernel " << to_string(k) << ", batch " << batch << ", shape " << c.out << "x" << c.in);
+      ptq161_matmul(v, x.data(), batch, y.data(), 0, false, k);
       for (std::size_t b = 0; b < batch; ++b)
         for (std::size_t o = 0; o < c.out; ++o) {
           // fp32 sums of at most in + 8 terms, each at most |Ŵ|max-ish: bound by
@@ -123,6 +126,42 @@ TEST_CASE("ptq161 kernel equals the scalar reference on odd shapes", "[ptq161]")
           const double tol = (c.in + 16) * 1.1920929e-7 * mag;
           REQUIRE(std::fabs(y[b * c.out + o] - yr[b * c.out + o]) <= tol + 1e-30);
         }
+      }
+    }
+  }
+}
+
+TEST_CASE("ptq161 every kernel path is exact on small-integer data", "[ptq161]") {
+  // integer α, μ, r1, r2, scales, zeros and x: every product and partial sum is an
+  // integer below 2^24, exact in fp32 in any order, so each path must equal the reference
+  struct Case { std::size_t out, in, n_sal; int bits, gs; };
+  const Case cases[] = {{1, 1, 0, 4, -1}, {3, 7, 2, 4, -1}, {17, 31, 5, 4, -1}, {9, 40, 40, 4, -1},
+                        {21, 260, 52, 4, 32}, {11, 333, 130, 4, 128}, {8, 201, 41, 3, 32},
+                        {40, 576, 115, 4, -1}};
+  unsigned seed = 100;
+  for (const auto& c : cases) {
+    Layer l = random_layer(c.out, c.in, c.n_sal, c.bits, c.gs, seed++);
+    std::mt19937 rng(seed);
+    auto hi = [&](int lo, int n) { return float_to_half_bits(static_cast<float>(lo + static_cast<int>(rng() % n))); };
+    for (auto& e : l.alpha) e = hi(1, 3);
+    for (auto& e : l.mu) e = hi(-2, 5);
+    for (auto& e : l.r1) e = hi(1, 2);
+    for (auto& e : l.r2) e = hi(1, 2);
+    for (auto& e : l.scales) e = hi(1, 2);
+    const Ptq161View v = l.view();
+    REQUIRE_NOTHROW(check_ptq161_view(v));
+    for (std::size_t batch : {1u, 2u, 3u, 4u, 9u, 17u}) {
+      std::vector<float> x(batch * c.in), y(batch * c.out), yr(batch * c.out);
+      for (auto& e : x) e = static_cast<float>(static_cast<int>(rng() % 7) - 3);
+      ptq161_matmul_reference(v, x.data(), batch, yr.data());
+      for (CpuKernel k : {CpuKernel::Scalar, CpuKernel::Avx2, CpuKernel::Avx512}) {
+        if (!cpu_supports(k)) continue;
+        for (int nt : {1, 2}) {
+          INFO("kernel " << to_string(k) << ", batch " << batch << ", threads " << nt);
+          ptq161_matmul(v, x.data(), batch, y.data(), nt, false, k);
+          REQUIRE(y == yr);
+        }
+      }
     }
   }
 }
