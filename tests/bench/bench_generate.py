@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     p.add_argument("--compile", action="store_true",
                    help="also time each quantized variant with sqllm.compiled.generate (static "
-                        "KV cache, torch.compile'd decode step; CPU); its compile is warm-up")
+                        "KV cache, torch.compile'd decode step; CPU), alternating with the eager "
+                        "runs; its compile is warm-up")
     return p.parse_args(argv)
 
 
@@ -95,14 +96,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def time_generation(model, prompt: torch.Tensor, args: argparse.Namespace,
-                    device: torch.device, compiled: bool = False) -> Tuple[float, float, float, float]:
-    """(median decode tokens/s, median seconds to the first token, min and max tokens/s)."""
+                    device: torch.device, modes: Tuple[bool, ...] = (False,)
+                    ) -> Dict[bool, Tuple[float, float, float, float]]:
+    """For each mode (False: eager ``model.generate``; True: sqllm.compiled.generate),
+    (median decode tokens/s, median seconds to the first token, min and max
+    tokens/s).  The modes alternate within each repeat, so a busy machine's
+    slow spells fall on both."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen_kwargs = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
-    if compiled:
+    if any(modes):
         from sqllm.compiled import generate as compiled_generate
 
-    def run(n: int) -> float:
+    def run(n: int, compiled: bool) -> float:
         sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -115,18 +120,21 @@ def time_generation(model, prompt: torch.Tensor, args: argparse.Namespace,
         assert out.shape[1] == prompt.shape[1] + n, "generation stopped early"
         return time.perf_counter() - t0
 
-    # warm-up (kernel selection, allocator, caches; compiled: the decode step's compile
-    # for this cache length -- a 1-token run has no decode step)
-    run(args.new_tokens if compiled else min(8, args.new_tokens))
-    firsts: List[float] = []
-    rates: List[float] = []
+    for compiled in modes:
+        # warm-up (kernel selection, allocator, caches; compiled: the decode step's
+        # compile for this cache length -- a 1-token run has no decode step)
+        run(args.new_tokens if compiled else min(8, args.new_tokens), compiled)
+    firsts: Dict[bool, List[float]] = {m: [] for m in modes}
+    rates: Dict[bool, List[float]] = {m: [] for m in modes}
     for _ in range(args.repeats):
-        t1 = run(1)
-        tn = run(args.new_tokens)
-        firsts.append(t1)
-        # Decode rate: the tokens after the first, over the time after it.
-        rates.append((args.new_tokens - 1) / max(tn - t1, 1e-9))
-    return statistics.median(rates), statistics.median(firsts), min(rates), max(rates)
+        for compiled in modes:
+            t1 = run(1, compiled)
+            tn = run(args.new_tokens, compiled)
+            firsts[compiled].append(t1)
+            # Decode rate: the tokens after the first, over the time after it.
+            rates[compiled].append((args.new_tokens - 1) / max(tn - t1, 1e-9))
+    return {m: (statistics.median(rates[m]), statistics.median(firsts[m]), min(rates[m]),
+                max(rates[m])) for m in modes}
 
 
 def main(argv=None) -> int:
@@ -174,14 +182,12 @@ def main(argv=None) -> int:
             logging.getLogger("bench_generate").info("%s: quantized in %.1f s", variant,
                                                      time.perf_counter() - t0)
         model.to(device).eval()
-        rate, first, lo, hi = time_generation(model, prompt, args, device)
-        results[variant] = (rate, first, weight_bytes(model), lo, hi)
-        print(f"{variant}: {rate:.1f} tok/s, first token {first * 1e3:.0f} ms", flush=True)
-        if args.compile and variant != "baseline":
-            rate, first, lo, hi = time_generation(model, prompt, args, device, compiled=True)
-            results[variant + " compiled"] = (rate, first, weight_bytes(model), lo, hi)
-            print(f"{variant} compiled: {rate:.1f} tok/s, first token {first * 1e3:.0f} ms",
-                  flush=True)
+        modes = (False, True) if args.compile and variant != "baseline" else (False,)
+        timed = time_generation(model, prompt, args, device, modes)
+        for compiled, (rate, first, lo, hi) in timed.items():
+            label = variant + (" compiled" if compiled else "")
+            results[label] = (rate, first, weight_bytes(model), lo, hi)
+            print(f"{label}: {rate:.1f} tok/s, first token {first * 1e3:.0f} ms", flush=True)
         if variant != "baseline":
             del model
             if device.type == "cuda":
