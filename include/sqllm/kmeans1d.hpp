@@ -465,6 +465,12 @@ __attribute__((target("avx2"))) inline std::size_t dp_scan_avx2(
   return arg;
 }
 
+// GCC 12's AVX-512 reduction intrinsics start from a self-initialised
+// register (`__m512i __Y = __Y;`), which -Wmaybe-uninitialized reports.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 /// dp_scan_sse2 with eight i at a time (AVX-512F, chosen at run time), the
 /// tail as one masked step: short ranges (most calls of the divide and
 /// conquer) cost one vector step instead of a scalar loop of divisions.  The
@@ -520,6 +526,9 @@ __attribute__((target("avx512f"))) inline std::size_t dp_scan_avx512(
   *min_out = best;
   return arg;
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 inline bool cpu_has_avx2() {
   static const bool has = [] {
