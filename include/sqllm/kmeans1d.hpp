@@ -465,6 +465,71 @@ __attribute__((target("avx2"))) inline std::size_t dp_scan_avx2(
   return arg;
 }
 
+// GCC 12's AVX-512 reduction intrinsics start from a self-initialised
+// register (`__m512i __Y = __Y;`), which -Wmaybe-uninitialized reports.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+/// dp_scan_sse2 with eight i at a time (AVX-512F, chosen at run time), the
+/// tail as one masked step: short ranges (most calls of the divide and
+/// conquer) cost one vector step instead of a scalar loop of divisions.  The
+/// same operations on every candidate, the same first minimum.
+__attribute__((target("avx512f"))) inline std::size_t dp_scan_avx512(
+    const double* D, const double* Q0, const double* Q1, const double* Q2, double q0, double q1,
+    double q2, std::size_t lo, std::size_t hi, double* min_out) {
+  const __m512d vq0 = _mm512_set1_pd(q0), vq1 = _mm512_set1_pd(q1), vq2 = _mm512_set1_pd(q2);
+  const __m512d one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd();
+  const __m512d inf = _mm512_set1_pd(std::numeric_limits<double>::infinity());
+  const __m512i step = _mm512_set1_epi64(8);
+  __m512d vbest = inf;
+  __m512i vidx = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(lo)),
+                                  _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  __m512i varg = vidx;
+  std::size_t i = lo;
+  const std::size_t end = hi + 1;
+  if (end - lo <= 8) {  // one candidate per lane: the first minimum is the lowest lane holding it
+    const __mmask8 m = static_cast<__mmask8>((1u << (end - lo)) - 1u);
+    __m512d W = _mm512_sub_pd(vq0, _mm512_maskz_loadu_pd(m, Q0 + i));
+    const __m512d s1 = _mm512_sub_pd(vq1, _mm512_maskz_loadu_pd(m, Q1 + i));
+    const __m512d s2 = _mm512_sub_pd(vq2, _mm512_maskz_loadu_pd(m, Q2 + i));
+    W = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(W, zero, _CMP_GT_OQ), one, W);
+    __m512d val = _mm512_add_pd(_mm512_maskz_loadu_pd(m, D + i),
+                                _mm512_sub_pd(s2, _mm512_div_pd(_mm512_mul_pd(s1, s1), W)));
+    // lanes that are not candidates, and NaN (never less than anything), count as +inf
+    val = _mm512_mask_blend_pd(_mm512_mask_cmp_pd_mask(m, val, inf, _CMP_LT_OQ), inf, val);
+    const double best = _mm512_reduce_min_pd(val);
+    const unsigned at = _mm512_cmp_pd_mask(val, _mm512_set1_pd(best), _CMP_EQ_OQ) & m;
+    *min_out = best;
+    return best < std::numeric_limits<double>::infinity()
+               ? lo + static_cast<std::size_t>(__builtin_ctz(at)) : lo;
+  }
+  auto eval = [&](__mmask8 m) {
+    __m512d W = _mm512_sub_pd(vq0, _mm512_maskz_loadu_pd(m, Q0 + i));
+    const __m512d s1 = _mm512_sub_pd(vq1, _mm512_maskz_loadu_pd(m, Q1 + i));
+    const __m512d s2 = _mm512_sub_pd(vq2, _mm512_maskz_loadu_pd(m, Q2 + i));
+    W = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(W, zero, _CMP_GT_OQ), one, W);
+    const __m512d val = _mm512_add_pd(_mm512_maskz_loadu_pd(m, D + i),
+                                      _mm512_sub_pd(s2, _mm512_div_pd(_mm512_mul_pd(s1, s1), W)));
+    const __mmask8 lt = _mm512_mask_cmp_pd_mask(m, val, vbest, _CMP_LT_OQ);
+    vbest = _mm512_mask_blend_pd(lt, vbest, val);
+    varg = _mm512_mask_blend_epi64(lt, varg, vidx);
+    vidx = _mm512_add_epi64(vidx, step);
+  };
+  for (; i + 8 <= end; i += 8) eval(0xFF);
+  if (i < end) eval(static_cast<__mmask8>((1u << (end - i)) - 1u));
+  // first minimum: the smallest index among the lanes holding the minimum
+  const double best = _mm512_reduce_min_pd(vbest);
+  const __mmask8 at = _mm512_cmp_pd_mask(vbest, _mm512_set1_pd(best), _CMP_EQ_OQ);
+  std::size_t arg = static_cast<std::size_t>(_mm512_mask_reduce_min_epu64(at, varg));
+  if (at == 0) arg = lo;  // every candidate NaN/inf-free data never gets here
+  *min_out = best;
+  return arg;
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 inline bool cpu_has_avx2() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -472,14 +537,33 @@ inline bool cpu_has_avx2() {
   }();
   return has;
 }
+
+inline bool cpu_has_avx512f() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return has;
+}
 #endif
 
-/// One step of the k-means DP (see dp_scan_sse2): AVX2 when the CPU has it.
+/// Which dp_scan runs: 0 the best the CPU has, 1 SSE2/scalar, 2 AVX2 (for
+/// ranges of 8+), 3 AVX-512.  Tests force each path; the results are equal.
+inline int& kmeans_dp_scan_path() {
+  static int path = 0;
+  return path;
+}
+
+/// One step of the k-means DP (see dp_scan_sse2): AVX-512 or AVX2 when the CPU has it.
 inline std::size_t dp_scan(const double* D, const double* Q0, const double* Q1, const double* Q2,
                            double q0, double q1, double q2, std::size_t lo, std::size_t hi,
                            double* min_out) {
 #if defined(SQLLM_KMEANS_AVX2)
-  if (hi - lo >= 7 && cpu_has_avx2()) return dp_scan_avx2(D, Q0, Q1, Q2, q0, q1, q2, lo, hi, min_out);
+  const int path = kmeans_dp_scan_path();
+  if ((path == 0 || path == 3) && cpu_has_avx512f())
+    return dp_scan_avx512(D, Q0, Q1, Q2, q0, q1, q2, lo, hi, min_out);
+  if ((path == 0 || path == 2) && hi - lo >= 7 && cpu_has_avx2())
+    return dp_scan_avx2(D, Q0, Q1, Q2, q0, q1, q2, lo, hi, min_out);
 #endif
   return dp_scan_sse2(D, Q0, Q1, Q2, q0, q1, q2, lo, hi, min_out);
 }
@@ -568,6 +652,10 @@ class KMeans1D {
   std::vector<double> Dprev_, Dcur_;               // DP rows
   std::vector<std::uint32_t> J_, cuts_;            // DP split indices, optimal cuts
   std::vector<std::uint32_t> bnd_;                 // values of label t: [bnd_[t], bnd_[t+1])
+  struct Segment {                                 // a divide-and-conquer step of a DP layer
+    std::uint32_t jlo, jhi, ilo, ihi;
+  };
+  std::vector<Segment> seg_, seg_next_;            // one level of the recursion, the next
 };
 
 // ---- implementation ----------------------------------------------------------
@@ -675,27 +763,38 @@ void KMeans1D<T>::sort_and_merge(const T* x, const T* w, std::size_t n, bool use
 // One DP layer q (2 <= q < k) by divide and conquer: D_q[j] for j in [jlo, jhi],
 // the optimal split searched in [ilo, ihi] (monotone in j) intersected with
 // [opt_{q-1}[j], j-1] (Knuth).  Dprev_ holds layer q-1, Dcur_ receives layer q.
+// The recursion runs breadth first: the segments of one level do not depend
+// on each other, so consecutive scans overlap in the CPU instead of waiting
+// for each other's argmin (a depth-first walk makes every scan wait for the
+// previous one); each scan gets the same bounds as in the depth-first order.
 template <class T>
 void KMeans1D<T>::dp_layer(const double* Q0, const double* Q1, const double* Q2, std::size_t q,
                            std::size_t width, std::size_t jlo, std::size_t jhi, std::size_t ilo,
                            std::size_t ihi) {
-  while (jlo <= jhi) {
-    const std::size_t j = jlo + (jhi - jlo) / 2;
-    std::size_t lo = ilo;
-    if (q > 2 && j - (q - 1) < width) {
-      lo = std::max<std::size_t>(lo, J_[(q - 3) * width + (j - (q - 1))]);
+  seg_.clear();
+  seg_.push_back({static_cast<std::uint32_t>(jlo), static_cast<std::uint32_t>(jhi),
+                  static_cast<std::uint32_t>(ilo), static_cast<std::uint32_t>(ihi)});
+  const std::uint32_t* Jprev = q > 2 ? J_.data() + (q - 3) * width : nullptr;
+  std::uint32_t* Jcur = J_.data() + (q - 2) * width;
+  const double* Dp = Dprev_.data();
+  double* Dc = Dcur_.data();
+  while (!seg_.empty()) {
+    seg_next_.clear();
+    for (const Segment& g : seg_) {
+      const std::size_t j = g.jlo + (g.jhi - g.jlo) / 2;
+      std::size_t lo = g.ilo;
+      if (Jprev != nullptr && j - (q - 1) < width) lo = std::max<std::size_t>(lo, Jprev[j - (q - 1)]);
+      const std::size_t hi = std::min<std::size_t>(g.ihi, j - 1);
+      lo = std::min(lo, hi);
+      double best;
+      const std::size_t arg = detail::dp_scan(Dp, Q0, Q1, Q2, Q0[j], Q1[j], Q2[j], lo, hi, &best);
+      Dc[j] = best;
+      Jcur[j - q] = static_cast<std::uint32_t>(arg);
+      const auto a = static_cast<std::uint32_t>(arg), uj = static_cast<std::uint32_t>(j);
+      if (j > g.jlo) seg_next_.push_back({g.jlo, uj - 1, g.ilo, a});
+      if (j < g.jhi) seg_next_.push_back({uj + 1, g.jhi, a, g.ihi});
     }
-    const std::size_t hi = std::min(ihi, j - 1);
-    lo = std::min(lo, hi);
-    double best;
-    const std::size_t arg =
-        detail::dp_scan(Dprev_.data(), Q0, Q1, Q2, Q0[j], Q1[j], Q2[j], lo, hi, &best);
-    Dcur_[j] = best;
-    J_[(q - 2) * width + (j - q)] = static_cast<std::uint32_t>(arg);
-    // left half recursively, right half by iteration
-    if (j > jlo) dp_layer(Q0, Q1, Q2, q, width, jlo, j - 1, ilo, arg);
-    jlo = j + 1;
-    ilo = arg;
+    std::swap(seg_, seg_next_);
   }
 }
 
@@ -860,21 +959,33 @@ void KMeans1D<T>::run_lloyd(std::size_t k, const KMeans1DParams& p, int* budget)
 // One layer t of the windowed DP, by divide and conquer: for cuts j in
 // [jlo, jhi] (a part of window t) the best previous cut in [ilo, ihi] (window
 // t-1, below j).  Dprev_/Dcur_ are indexed by the cut; J_ from joff_[t].
+// Breadth first, as dp_layer.
 template <class T>
 void KMeans1D<T>::window_layer(std::size_t t, std::size_t jlo, std::size_t jhi, std::size_t ilo,
                                std::size_t ihi) {
   const double *Q0 = P0_.data(), *Q1 = P1_.data(), *Q2 = P2_.data();
-  while (jlo <= jhi) {
-    const std::size_t j = jlo + (jhi - jlo) / 2;
-    const std::size_t hi = std::min(ihi, j - 1);
-    double best;
-    const std::size_t arg =
-        detail::dp_scan(Dprev_.data(), Q0, Q1, Q2, Q0[j], Q1[j], Q2[j], ilo, hi, &best);
-    Dcur_[j] = best;
-    J_[joff_[t] + (j - wlo_[t])] = static_cast<std::uint32_t>(arg);
-    if (j > jlo) window_layer(t, jlo, j - 1, ilo, arg);
-    jlo = j + 1;
-    ilo = arg;
+  const double* Dp = Dprev_.data();
+  double* Dc = Dcur_.data();
+  std::uint32_t* Jt = J_.data() + joff_[t];
+  const std::size_t base = wlo_[t];
+  seg_.clear();
+  seg_.push_back({static_cast<std::uint32_t>(jlo), static_cast<std::uint32_t>(jhi),
+                  static_cast<std::uint32_t>(ilo), static_cast<std::uint32_t>(ihi)});
+  while (!seg_.empty()) {
+    seg_next_.clear();
+    for (const Segment& g : seg_) {
+      const std::size_t j = g.jlo + (g.jhi - g.jlo) / 2;
+      const std::size_t hi = std::min<std::size_t>(g.ihi, j - 1);
+      double best;
+      const std::size_t arg =
+          detail::dp_scan(Dp, Q0, Q1, Q2, Q0[j], Q1[j], Q2[j], g.ilo, hi, &best);
+      Dc[j] = best;
+      Jt[j - base] = static_cast<std::uint32_t>(arg);
+      const auto a = static_cast<std::uint32_t>(arg), uj = static_cast<std::uint32_t>(j);
+      if (j > g.jlo) seg_next_.push_back({g.jlo, uj - 1, g.ilo, a});
+      if (j < g.jhi) seg_next_.push_back({uj + 1, g.jhi, a, g.ihi});
+    }
+    std::swap(seg_, seg_next_);
   }
 }
 

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -62,20 +63,50 @@ inline void nuq_quantize(const float* W, const float* S, const std::uint8_t* kee
   const std::size_t groups = row ? out : in;
   const std::size_t len = row ? in : out;
 
-  // Group-major copies of values and weights (a transpose for column grouping).
-  std::vector<float> xv(groups * len), wv(groups * len);
-  for (std::size_t o = 0; o < out; ++o) {
-    for (std::size_t i = 0; i < in; ++i) {
-      const std::size_t src = o * in + i;
-      const std::size_t dst = row ? src : i * out + o;
-      const float w = S ? S[src] : 1.0f;
-      SQLLM_CHECK(std::isfinite(W[src]), "weight has a non-finite value (NaN or Inf) ", W[src], " at (", o, ", ",
-                  i, ")");
-      SQLLM_CHECK(std::isfinite(w) && w >= 0.0f, "sensitivity must be finite and >= 0, got ", w,
-                  " at (", o, ", ", i, ")");
-      xv[dst] = W[src];
-      wv[dst] = (keep && keep[src]) ? 0.0f : w;
+  // NaN/Inf in W, bad sensitivities: one branch-free pass (it vectorises);
+  // only when it finds something does a second pass name the first bad entry.
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const std::size_t total = out * in;
+  unsigned bad = 0;
+  for (std::size_t t = 0; t < total; ++t) bad |= static_cast<unsigned>(!(std::fabs(W[t]) < kInf));
+  if (S != nullptr) {
+    for (std::size_t t = 0; t < total; ++t) {
+      const float w = S[t];
+      bad |= static_cast<unsigned>(!(w >= 0.0f)) | static_cast<unsigned>(!(w < kInf));
     }
+  }
+  if (bad != 0) {
+    for (std::size_t o = 0; o < out; ++o) {
+      for (std::size_t i = 0; i < in; ++i) {
+        const std::size_t src = o * in + i;
+        const float w = S ? S[src] : 1.0f;
+        SQLLM_CHECK(std::isfinite(W[src]), "weight has a non-finite value (NaN or Inf) ", W[src],
+                    " at (", o, ", ", i, ")");
+        SQLLM_CHECK(std::isfinite(w) && w >= 0.0f, "sensitivity must be finite and >= 0, got ", w,
+                    " at (", o, ", ", i, ")");
+      }
+    }
+  }
+
+  // Group-major values and weights: W and S themselves for row groups without
+  // a keep mask (no weights stand for equal weights, as all ones would);
+  // otherwise copies (a transpose for column grouping, kept weights zeroed).
+  const float* xg = W;
+  const float* wg = S;
+  std::vector<float> xv, wv;
+  if (!row || keep != nullptr) {
+    xv.resize(groups * len);
+    wv.resize(groups * len);
+    for (std::size_t o = 0; o < out; ++o) {
+      for (std::size_t i = 0; i < in; ++i) {
+        const std::size_t src = o * in + i;
+        const std::size_t dst = row ? src : i * out + o;
+        xv[dst] = W[src];
+        wv[dst] = (keep && keep[src]) ? 0.0f : (S ? S[src] : 1.0f);
+      }
+    }
+    xg = xv.data();
+    wg = wv.data();
   }
 
   KMeans1DParams kp;
@@ -83,7 +114,7 @@ inline void nuq_quantize(const float* W, const float* S, const std::uint8_t* kee
   kp.method = p.method;
   kp.max_iter = p.max_iter;
   std::vector<std::uint8_t> labels(groups * len);
-  kmeans1d_rows<float, std::uint8_t>(xv.data(), wv.data(), groups, len, kp, tables, labels.data(),
+  kmeans1d_rows<float, std::uint8_t>(xg, wg, groups, len, kp, tables, labels.data(),
                                      group_sse, p.num_threads);
 
   if (row) {

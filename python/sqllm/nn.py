@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import _C
+from . import compiled as _compiled
 
 __all__ = ["QuantLinearBase", "QuantLinear", "FORMATS", "register_format", "layer_from_config"]
 
@@ -294,18 +295,20 @@ class QuantLinear(QuantLinearBase):
 
     def __init__(self, in_features: int, out_features: int, bits: int = 3,
                  group_axis: str = "row", bias: bool = True, nnz: int = 0,
-                 bias_dtype: torch.dtype = torch.float32) -> None:
+                 bias_dtype: torch.dtype = torch.float32, *, _zero_fill: bool = True) -> None:
         super().__init__(in_features, out_features, bias, bias_dtype)
         self.bits = _check_bits(bits)
         self.group_axis = _check_axis(group_axis)
         words = _C.packed_words(in_features, self.bits)
         groups = out_features if self.group_axis == "row" else in_features
-        self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32))
-        self.register_buffer("lookup_table",
-                             torch.zeros(groups, 2 ** self.bits, dtype=torch.float32))
-        self.register_buffer("sparse_row_ptr", torch.zeros(out_features + 1, dtype=torch.int32))
-        self.register_buffer("sparse_col_idx", torch.zeros(int(nnz), dtype=torch.int32))
-        self.register_buffer("sparse_values", torch.zeros(int(nnz), dtype=torch.float16))
+        # from_packed assigns every buffer right after: it skips the zero fill
+        # (torch.zeros of all layers was ~10 % of a whole-model quantization).
+        new = torch.zeros if _zero_fill else torch.empty
+        self.register_buffer("qweight", new(out_features, words, dtype=torch.int32))
+        self.register_buffer("lookup_table", new(groups, 2 ** self.bits, dtype=torch.float32))
+        self.register_buffer("sparse_row_ptr", new(out_features + 1, dtype=torch.int32))
+        self.register_buffer("sparse_col_idx", new(int(nnz), dtype=torch.int32))
+        self.register_buffer("sparse_values", new(int(nnz), dtype=torch.float16))
         self._cache: Dict[str, Any] = {}
 
     # -- construction -------------------------------------------------------
@@ -352,7 +355,8 @@ class QuantLinear(QuantLinearBase):
                      for t, n in zip(sparse, ("row_ptr", "col_idx", "values"))]
         nnz = int(parts[2].numel()) if parts is not None else 0
         layer = cls(int(in_features), int(qw.shape[0]), bits, group_axis, bias=bias is not None,
-                    nnz=nnz, bias_dtype=bias.dtype if bias is not None else torch.float32)
+                    nnz=nnz, bias_dtype=bias.dtype if bias is not None else torch.float32,
+                    _zero_fill=False)
         # Assign, then check everything in one place (validate: shapes, dtypes, CSR).
         layer.qweight = qw.contiguous()
         layer.lookup_table = table.to(torch.float32).contiguous()
@@ -362,6 +366,8 @@ class QuantLinear(QuantLinearBase):
             layer.sparse_col_idx = col_idx.to(torch.int32).contiguous()
             layer.sparse_values = (values.to(torch.float16) if values.is_floating_point()
                                    else values).contiguous()
+        else:  # no sparse part: an empty CSR (all row pointers 0)
+            layer.sparse_row_ptr.zero_()
         if bias is not None:
             if tuple(bias.shape) != (layer.out_features,):
                 raise ValueError(f"bias must have shape ({layer.out_features},), got "
@@ -592,6 +598,9 @@ class QuantLinear(QuantLinearBase):
         return ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.is_cpu and not x.requires_grad:
+            # traced by torch.compile: the kernel as a torch custom op (no graph break)
+            return _compiled.quant_linear_forward(self, x)
         # The decode step's case first: fp32, contiguous, on the CPU, no
         # autograd; a few attribute reads and one C++ call (QuantLinearBase's
         # forward handles everything else, with the same results).

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import _C
+from . import compiled as _compiled
 from .nn import QuantLinear, _u32
 
 __all__ = ["QuantEmbedding", "quantize_embeddings", "attach_embeddings", "EMBEDDINGS_KEY"]
@@ -105,6 +106,9 @@ class QuantEmbedding(nn.Module):
             raise TypeError(f"input ids must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"input ids must be an integer tensor, got {ids.dtype}")
+        if torch.compiler.is_compiling() and ids.is_cpu:
+            # traced by torch.compile: the row decode as a torch custom op
+            return _compiled.quant_embedding_forward(self, ids)
         s = self.storage
         qweight = s._buffers["qweight"]
         flat = ids.reshape(-1)

@@ -63,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads (0: torch's default); sqllm's kernels use OpenMP's "
                         "default, so also set OMP_NUM_THREADS to the same number")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each quantized variant with sqllm.compiled.generate (static "
+                        "KV cache, torch.compile'd decode step; CPU), alternating with the eager "
+                        "runs; its compile is warm-up")
     return p.parse_args(argv)
 
 
@@ -92,30 +96,45 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def time_generation(model, prompt: torch.Tensor, args: argparse.Namespace,
-                    device: torch.device) -> Tuple[float, float]:
-    """(median decode tokens/s, median seconds to the first token)."""
+                    device: torch.device, modes: Tuple[bool, ...] = (False,)
+                    ) -> Dict[bool, Tuple[float, float, float, float]]:
+    """For each mode (False: eager ``model.generate``; True: sqllm.compiled.generate),
+    (median decode tokens/s, median seconds to the first token, min and max
+    tokens/s).  The modes alternate within each repeat, so a busy machine's
+    slow spells fall on both."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen_kwargs = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    if any(modes):
+        from sqllm.compiled import generate as compiled_generate
 
-    def run(n: int) -> float:
+    def run(n: int, compiled: bool) -> float:
         sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen_kwargs)
+            if compiled:
+                out = compiled_generate(model, prompt, max_new_tokens=n, min_new_tokens=n,
+                                        **gen_kwargs)
+            else:
+                out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen_kwargs)
         sync()
         assert out.shape[1] == prompt.shape[1] + n, "generation stopped early"
         return time.perf_counter() - t0
 
-    run(min(8, args.new_tokens))  # warm-up (kernel selection, allocator, caches)
-    firsts: List[float] = []
-    rates: List[float] = []
+    for compiled in modes:
+        # warm-up (kernel selection, allocator, caches; compiled: the decode step's
+        # compile for this cache length -- a 1-token run has no decode step)
+        run(args.new_tokens if compiled else min(8, args.new_tokens), compiled)
+    firsts: Dict[bool, List[float]] = {m: [] for m in modes}
+    rates: Dict[bool, List[float]] = {m: [] for m in modes}
     for _ in range(args.repeats):
-        t1 = run(1)
-        tn = run(args.new_tokens)
-        firsts.append(t1)
-        # Decode rate: the tokens after the first, over the time after it.
-        rates.append((args.new_tokens - 1) / max(tn - t1, 1e-9))
-    return statistics.median(rates), statistics.median(firsts)
+        for compiled in modes:
+            t1 = run(1, compiled)
+            tn = run(args.new_tokens, compiled)
+            firsts[compiled].append(t1)
+            # Decode rate: the tokens after the first, over the time after it.
+            rates[compiled].append((args.new_tokens - 1) / max(tn - t1, 1e-9))
+    return {m: (statistics.median(rates[m]), statistics.median(firsts[m]), min(rates[m]),
+                max(rates[m])) for m in modes}
 
 
 def main(argv=None) -> int:
@@ -148,7 +167,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(1, base.config.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
 
-    results: Dict[str, Tuple[float, float, int]] = {}
+    results: Dict[str, Tuple[float, float, int, float, float]] = {}
     variants = ["baseline"] + [f"{b}-bit" + (f" + emb {e}-bit" if e else "")
                                for b in args.bits for e in args.embed_bits]
     for variant in variants:
@@ -163,9 +182,12 @@ def main(argv=None) -> int:
             logging.getLogger("bench_generate").info("%s: quantized in %.1f s", variant,
                                                      time.perf_counter() - t0)
         model.to(device).eval()
-        rate, first = time_generation(model, prompt, args, device)
-        results[variant] = (rate, first, weight_bytes(model))
-        print(f"{variant}: {rate:.1f} tok/s, first token {first * 1e3:.0f} ms", flush=True)
+        modes = (False, True) if args.compile and variant != "baseline" else (False,)
+        timed = time_generation(model, prompt, args, device, modes)
+        for compiled, (rate, first, lo, hi) in timed.items():
+            label = variant + (" compiled" if compiled else "")
+            results[label] = (rate, first, weight_bytes(model), lo, hi)
+            print(f"{label}: {rate:.1f} tok/s, first token {first * 1e3:.0f} ms", flush=True)
         if variant != "baseline":
             del model
             if device.type == "cuda":
@@ -176,14 +198,14 @@ def main(argv=None) -> int:
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
           f"median of {args.repeats}; sparsity {args.sparsity}; torch threads "
           f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}\n")
-    print("| model | decode tok/s | speed-up | first token (ms) | weights (MB) |")
-    print("|---|---|---|---|---|")
+    print("| model | decode tok/s | min–max | speed-up | first token (ms) | weights (MB) |")
+    print("|---|---|---|---|---|---|")
     base_rate = results["baseline"][0]
-    for variant in variants:
-        rate, first, nbytes = results[variant]
+    for variant in results:
+        rate, first, nbytes, lo, hi = results[variant]
         label = f"{str(dtype).replace('torch.', '')}" if variant == "baseline" else variant
-        print(f"| {label} | {rate:.1f} | {rate / base_rate:.2f}x | {first * 1e3:.1f} | "
-              f"{nbytes / 1e6:.1f} |")
+        print(f"| {label} | {rate:.1f} | {lo:.1f}–{hi:.1f} | {rate / base_rate:.2f}x | "
+              f"{first * 1e3:.1f} | {nbytes / 1e6:.1f} |")
     return 0
 
 
