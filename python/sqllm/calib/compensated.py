@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._memory import return_freed_memory
+
 __all__ = ["CompensatedSum", "SymmetricCompensatedSum", "two_sum", "two_sum_into", "merge_pairs"]
 
 
@@ -145,10 +147,16 @@ class SymmetricCompensatedSum:
     def take(self) -> torch.Tensor:
         """The full symmetric float64 sum ``hi + lo`` (rounded once); the sum is consumed."""
         H = torch.empty(self.n, self.n, dtype=torch.float64, device=self.hi[0].device if self.hi else None)
+        freed = 0
         for b, (r0, r1) in enumerate(self.bounds):
             torch.add(self.hi[b], self.lo[b], out=H[r0:r1, r0:])
-            self.hi[b] = self.lo[b] = None  # freed as H fills
+            freed += 2 * self.hi[b].numel() * 8
+            self.hi[b] = self.lo[b] = None  # freed as H fills ...
+            if freed >= 64 << 20:  # ... and given back (blocks < 32 MB live in the heap)
+                return_freed_memory()
+                freed = 0
         self.hi, self.lo = [], []
+        return_freed_memory()
         return _mirror_upper(H, self.bounds)
 
     @classmethod

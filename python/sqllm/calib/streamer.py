@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import find_linear_layers
+from .._memory import return_freed_memory as _return_freed_memory
 from ..nn import QuantLinearBase
 from .blocks import block_linears, find_decoder_blocks, materialize, release, tensor_names
 from .checkpoint import is_meta_model
@@ -258,26 +259,6 @@ def _input_groups(block: nn.Module, layers: Dict[str, nn.Linear],
     return groups
 
 
-def _return_freed_memory() -> None:
-    """Give the allocator's freed heap pages back to the OS (glibc ``malloc_trim``).
-
-    Tensors of a few MB to 32 MB come from glibc's heap, which keeps freed pages;
-    without this the resident set creeps up by about a quantized block per block.
-    A no-op where glibc is not the allocator.
-    """
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM: Any = None
 
 
 def _rss() -> str:
