@@ -40,7 +40,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -61,7 +60,7 @@ CONFIGS: Dict[str, tuple] = {
     "g3r_nofb": ("glut 3-bit g576, no feedback", dict(bits=3, group_size=576, gptq=False)),
     "g4r_nofb": ("glut 4-bit g576, no feedback", dict(bits=4, group_size=576, gptq=False)),
 }
-for _b in ("3.5", "3.75", "3.95", "4.1", "4.2", "4.45", "5.0", "5.5"):
+for _b in ("3.5", "3.75", "3.95", "4.1", "4.2", "4.45", "4.5", "4.6", "5.0", "5.5"):
     CONFIGS[f"b{_b}"] = (f"glut budget {_b} b/w", dict(bits=float(_b), allocate=True))
 
 CANDIDATE_BITS = [3, 4, 5]
@@ -85,7 +84,8 @@ def add_result(path: Path, entry: Dict[str, Any]) -> None:
     res = load_results(path)
     old = [r for r in res if r["name"] == entry["name"]]
     if old:
-        entry = {**old[0], **entry, "ppl": {**old[0].get("ppl", {}), **entry["ppl"]}}
+        entry = {**old[0], **entry, "ppl": {**old[0].get("ppl", {}), **entry["ppl"]},
+                 "source": {**old[0].get("source", {}), **entry.get("source", {})}}
     res = [r for r in res if r["name"] != entry["name"]]
     res.append(entry)
     tmp = path.with_suffix(".tmp")
@@ -103,6 +103,26 @@ def eval_texts(model, tok, eval_tokens: int, progress: bool, texts=None) -> Dict
         ids = tokenize_text(tok, load_text(src))
         out[key] = perplexity(model, ids, seqlen=512, max_tokens=eval_tokens, progress=progress).ppl
     return out
+
+
+def dequantized(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every quantized layer replaced (in place) by an nn.Linear holding
+    its dequantized weight: the same function up to fp32 rounding, scored at the
+    speed of the fp32 model (the llama.cpp files are scored the same way, as
+    dequantized weights in the transformers model)."""
+    from sqllm.nn import QuantLinearBase
+
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, QuantLinearBase):
+                w = child.dequantize().detach().to(torch.float32)
+                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=child.bias is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias.detach().float())
+                setattr(mod, cname, lin)
+    return model
 
 
 def run_sqllm(args) -> None:
@@ -134,29 +154,44 @@ def run_sqllm(args) -> None:
         label, opts = CONFIGS[key]
         opts = dict(opts)
         if opts.get("allocate"):
-            opts.update(candidate_bits=CANDIDATE_BITS, candidate_groups=CANDIDATE_GROUPS,
-                        sensitivity_rows=SENSITIVITY_ROWS)
-        q = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        sqllm.quantize(q, method="glut", calibration=calib, sensitivity=dict(fisher),
-                       fp_inputs=True, stats_dir=str(cache / "stats"), progress=progress, **opts)
-        dt = time.perf_counter() - t0
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = sqllm.save_quantized(q, Path(tmp) / "m", tokenizer=tok)
+            opts.setdefault("candidate_bits", CANDIDATE_BITS)
+            opts.setdefault("candidate_groups", CANDIDATE_GROUPS)
+            opts.setdefault("sensitivity_rows", SENSITIVITY_ROWS)
+        # the quantized model is kept (cache/models/KEY) so that another text can be
+        # scored later without quantizing again (--reuse)
+        folder = cache / "models" / key
+        timing = cache / "models" / f"{key}.quantize_s"
+        if args.reuse and (folder / "config.json").is_file() and timing.is_file():
+            dt = float(timing.read_text())
+            _log(f"{key}: reusing the model saved in {folder}")
+        else:
+            q = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            sqllm.quantize(q, method="glut", calibration=calib, sensitivity=dict(fisher),
+                           fp_inputs=True, stats_dir=str(cache / "stats"), progress=progress,
+                           **opts)
+            dt = time.perf_counter() - t0
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            sqllm.save_quantized(q, folder, tokenizer=tok)
+            timing.write_text(f"{dt:.1f}")
+            del q
+        if True:
             bpw = saved_bits_per_weight(folder)
             layers = json.loads((folder / "config.json").read_text())["quantization_config"]["layers"]
-            del q
             mix: Dict[str, int] = {}
             for ent in layers.values():
                 p = ent.get("params", ent)
                 k = f"{p['bits']}b/g{p['group_size']}"
                 mix[k] = mix.get(k, 0) + 1
             loaded = sqllm.load_quantized(folder)
+            if not args.kernels:
+                loaded = dequantized(loaded)
             for text in args.texts:  # a result per text as soon as it is measured
                 ppl = eval_texts(loaded, tok, args.eval_tokens, progress, [text])
                 entry = dict(name=f"sqllm:{key}", family="sqllm", label=label, bpw=bpw, ppl=ppl,
                              quantize_s=round(dt, 1), layers=mix,
-                             command=f"python tests/bench/bench_vs_llamacpp.py sqllm --configs {key}")
+                             command=f"python tests/bench/bench_vs_llamacpp.py sqllm --configs {key}"
+                                     f" --texts {text}")
                 add_result(Path(args.results), entry)
                 _log(f"{label}: {bpw:.3f} bits/weight, ppl {ppl}, {dt:.0f} s, layers {mix}")
     from sqllm.allocate import _MEASURED
@@ -319,7 +354,7 @@ def run_llamacpp(args) -> None:
         m, _ = load_model(str(qpath))
         ppl = eval_texts(m, tok, args.eval_tokens, progress, args.texts)
         entry = dict(name=f"llama.cpp:{typ}", family="llama.cpp", label=f"llama.cpp {typ} + imatrix",
-                     bpw=bpw, ppl=ppl,
+                     bpw=bpw, ppl=ppl, source={t: "measured" for t in ppl},
                      command=f"python tests/bench/bench_vs_llamacpp.py llamacpp --types {typ} "
                              f"--bin {args.bin}  # runs: {' '.join(cmd)}")
         add_result(Path(args.results), entry)
@@ -344,10 +379,33 @@ EARLIER = [
 
 
 def run_earlier(args) -> None:
+    """Add the earlier points.  llama.cpp's Persuasion numbers of the issue's table go
+    into the same entry as the type's measured points (``llama.cpp:TYPE``; its
+    measured bits are kept when present, the source of the number is recorded)."""
+    path = Path(args.results)
+    res = load_results(path)
     for name, fam, label, bpw, ppl in EARLIER:
-        add_result(Path(args.results), dict(name=name, family=fam, label=label, bpw=bpw,
-                                            ppl={"persuasion": ppl},
-                                            command="earlier measurement (see label)"))
+        if name.startswith("issue14:"):
+            typ = name.split(":", 1)[1]
+            new = f"llama.cpp:{typ}"
+            have = [r for r in res if r["name"] == new]
+            if have and "persuasion" in have[0]["ppl"] \
+                    and have[0].get("source", {}).get("persuasion") != "issue #14 table":
+                continue  # measured here: keep it
+            entry = dict(name=new, family=fam, label=f"llama.cpp {typ} + imatrix",
+                         bpw=have[0]["bpw"] if have else bpw, ppl={"persuasion": ppl},
+                         source={**(have[0].get("source", {}) if have else {}),
+                                 "persuasion": "issue #14 table"})
+            if not have:
+                entry["command"] = f"python tests/bench/bench_vs_llamacpp.py llamacpp --types {typ}"
+            add_result(path, entry)
+        else:
+            add_result(path, dict(name=name, family=fam, label=label, bpw=bpw,
+                                  ppl={"persuasion": ppl}, command="earlier measurement (see label)"))
+    res = [r for r in load_results(path) if not r["name"].startswith("issue14:")]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, path)
 
 
 # ---- figure and table ----------------------------------------------------------
@@ -421,7 +479,10 @@ def run_plot(args) -> None:
           " | ".join(f"dominated ({t})" for t in texts) + " |")
     print("|---|---|" + "---|" * (2 * len(texts)))
     for r in sorted(res, key=lambda r: (-r["bpw"], r["name"])):
-        cells = [f"{r['ppl'][t]:.2f}" if t in r["ppl"] else "" for t in texts]
+        src = r.get("source", {})
+        cells = [("" if t not in r["ppl"] else f"({r['ppl'][t]:.2f})"
+                  if src.get(t, "measured") != "measured" else f"{r['ppl'][t]:.2f}")
+                 for t in texts]
         doms = [dom[t].get(r["name"], "") for t in texts]
         print(f"| {r['label']} | {r['bpw']:.3f} | " + " | ".join(cells) + " | " +
               " | ".join(doms) + " |")
@@ -441,6 +502,11 @@ def main(argv=None) -> int:
     s = sub.add_parser("sqllm", parents=[common])
     s.add_argument("--configs", nargs="*", default=[], choices=list(CONFIGS))
     s.add_argument("--fp32", action="store_true", help="also score the fp32 model")
+    s.add_argument("--kernels", action="store_true",
+                   help="score with sqllm's quantized kernels (slow here) instead of the "
+                        "dequantized weights")
+    s.add_argument("--reuse", action="store_true",
+                   help="score the model kept in CACHE/models/CONFIG instead of quantizing again")
     l = sub.add_parser("llamacpp", parents=[common])
     l.add_argument("--types", nargs="+", default=LLAMA_TYPES)
     l.add_argument("--bin", default="/work/peer/llama.cpp/build/bin")
