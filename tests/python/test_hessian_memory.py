@@ -186,3 +186,19 @@ def test_streamed_gptq_leaves_precomputed_hessians_intact(calib_ids):
     for k, v in pre["hessian"].items():
         assert torch.equal(v, before[k]), k
     assert isinstance(model.model.layers[0].mlp.down_proj, sqllm.UniformQuantLinear)
+
+
+def test_written_blocks_keep_no_quantized_weights_alive(tmp_path, calib_ids):
+    # A block handed to the writer is released to meta; its quantized layers ran
+    # forward (the next block's inputs) and cached kernel operands -- views of
+    # the packed buffers -- which must go too, or every written block stays resident.
+    src = tmp_path / "src"
+    make_tiny_llama().save_pretrained(src)
+    model = sqllm.open_on_meta(src)
+    sqllm.quantize(model, method="gptq", bits=4, group_size=32, calibration=calib_ids,
+                   progress=False, out=tmp_path / "q")
+    quantized = [m for m in model.modules() if isinstance(m, sqllm.nn.QuantLinearBase)]
+    assert len(quantized) == 2 * 7  # every Linear of both blocks (lm_head excluded)
+    for m in quantized:
+        assert m._cache == {}
+        assert all(b is None or b.is_meta for b in m._buffers.values())

@@ -140,3 +140,8 @@ def release(module: nn.Module) -> None:
         for bname, b in mod._buffers.items():
             if b is not None and not b.is_meta and bname not in non_persistent:
                 mod._buffers[bname] = b.to("meta")
+        # Quantized layers cache views of their buffers (kernel operands, device
+        # plans): without this the released block's packed weights stay alive
+        # through the cache, ~a quantized block of resident memory per block.
+        if isinstance(getattr(mod, "_cache", None), dict):
+            mod._cache = {}
