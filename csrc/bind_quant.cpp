@@ -9,6 +9,7 @@
 #include "sqllm/cpu_features.hpp"
 #include "sqllm/csr.hpp"
 #include "sqllm/lut_matmul.hpp"
+#include "sqllm/lut_matmul_bf16.hpp"
 #include "sqllm/nuq.hpp"
 #include "sqllm/packing.hpp"
 #include "sqllm/sparse.hpp"
@@ -200,6 +201,33 @@ void init_quant(py::module_& m) {
       "kernel: 'auto' (the best this CPU supports, or $SQLLM_CPU_KERNEL), 'scalar', 'avx2'\n"
       "or 'avx512' (batches below 64; ValueError if the CPU lacks it).");
 
+  m.def(
+      "lut_matmul_bf16",
+      [](const carray<std::uint16_t>& x, const carray<std::uint32_t>& packed,
+         const carray<float>& tables, int bits, std::size_t in_features,
+         std::optional<CsrArrays> sparse, int num_threads, bool sparse_checked) {
+        const LutView v = lut_view(packed, tables, in_features, bits, "row", sparse);
+        check_ndim(x, 2, "x");
+        SQLLM_CHECK(static_cast<std::size_t>(x.shape(1)) == in_features, "x has ", x.shape(1),
+                    " features but the layer expects in_features=", in_features);
+        check_lut_view(v, /*check_sparse_contents=*/!sparse_checked);
+        const auto batch = static_cast<std::size_t>(x.shape(0));
+        carray<float> y({batch, v.out});
+        {
+          py::gil_scoped_release nogil;
+          lut_matmul_bf16(v, x.data(), batch, y.mutable_data(), num_threads, /*checked=*/true);
+        }
+        return y;
+      },
+      py::arg("x"), py::arg("packed"), py::arg("tables"), py::arg("bits"), py::arg("in_features"),
+      py::arg("sparse") = py::none(), py::arg("num_threads") = 0,
+      py::arg("sparse_checked") = false,
+      "y (fp32) = x @ W^T for bf16 x (its bit patterns as uint16), row grouping, 2..4-bit\n"
+      "codes: bf16 x bf16 products (the tables rounded to bf16) accumulated in fp32, with\n"
+      "AVX512-BF16 (see has_bf16_matmul); the sparse part in fp32.");
+  m.def("has_bf16_matmul", &cpu_supports_bf16_matmul,
+        "Whether lut_matmul_bf16 runs here (AVX512-BF16, and $SQLLM_CPU_KERNEL unset, auto "
+        "or avx512).");
   m.def(
       "cpu_kernels",
       [] {

@@ -228,6 +228,17 @@ class _QuantMatmul(torch.autograd.Function):
         return grad.to(torch.float32) @ w, None
 
 
+_HAS_BF16: Optional[bool] = None
+
+
+def _has_bf16_matmul() -> bool:
+    """Whether the CPU LUT kernel has its AVX512-BF16 path here (asked once)."""
+    global _HAS_BF16
+    if _HAS_BF16 is None:
+        _HAS_BF16 = bool(_C.has_bf16_matmul())
+    return _HAS_BF16
+
+
 def _version_of(t: torch.Tensor) -> int:
     """The in-place version counter (-1 for inference tensors, which have none)."""
     try:
@@ -628,6 +639,15 @@ class QuantLinear(QuantLinearBase):
         codes, tables, sparse = self._cpu_state()
         if x2.requires_grad:
             x2 = x2.detach()
+        if x2.dtype is torch.bfloat16 and self._bf16_path():
+            # bf16 activations: bf16 x bf16 products, fp32 accumulation, the
+            # tables rounded to bf16 (torch's int4 kernel's arithmetic; twice
+            # the multiply-adds per instruction of the fp32 path).
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
+            xb = x2.view(torch.int16).numpy().view(np.uint16)
+            return torch.from_numpy(_C.lut_matmul_bf16(xb, codes, tables, self.bits,
+                                                       self.in_features, sparse, 0, True))
         if x2.dtype != torch.float32:
             x2 = x2.float()
         if not x2.is_contiguous():
@@ -635,6 +655,11 @@ class QuantLinear(QuantLinearBase):
         y = _C.lut_matmul(x2.numpy(), codes, tables, self.bits, self.in_features,
                           self.group_axis, sparse, 0, True)
         return torch.from_numpy(y)
+
+    def _bf16_path(self) -> bool:
+        """Whether bf16 inputs take the AVX512-BF16 kernel (row grouping, 2..4
+        bits, a CPU that has it and SQLLM_CPU_KERNEL not forcing another path)."""
+        return self.group_axis == "row" and 2 <= self.bits <= 4 and _has_bf16_matmul()
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", bits={self.bits}, group_axis={self.group_axis}"

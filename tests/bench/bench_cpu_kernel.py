@@ -17,6 +17,9 @@ the weights come from DRAM as in a real decode step, not from cache.
   `torch._convert_weight_to_int4pack_for_cpu`, group 128, bf16 x (torch's
   uniform 4-bit weight-only kernel, asymmetric per-group scales and zeros);
 - torch fp32: `F.linear`.
+- sqllm 4-bit and 3-bit with bf16 x (second table, when the CPU has
+  AVX512-BF16): `_C.lut_matmul_bf16`, the same x in bf16 as torch's int4
+  kernel gets, bf16 x bf16 products accumulated in fp32 like torch's kernel.
 
 GB/s = weight bytes read (packed codes + tables, int4 + scales, fp32) / time;
 "% copy" relates it to the numpy copy bandwidth measured in the same run
@@ -132,7 +135,8 @@ def main():
     print("| out x in | batch | sqllm 4b ms | sqllm 3b ms | torch int4 ms | torch fp32 ms "
           "| 4b vs int4 (spread) | 3b vs int4 (spread) | 4b vs fp32 | 4b GB/s | 4b % copy | 3b GB/s | int4 GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    paths, sparse_rows = [], []
+    paths, sparse_rows, bf16_rows = [], [], []
+    has_bf16 = _C.has_bf16_matmul()
     for shape in args.shapes.split(","):
         out_f, in_f = map(int, shape.split("x"))
         lut = {}
@@ -147,6 +151,7 @@ def main():
         for batch in map(int, args.batches.split(",")):
             x = torch.randn(batch, in_f)
             xn, xb = x.numpy(), x.to(torch.bfloat16)
+            xbn = xb.view(torch.int16).numpy().view(np.uint16)
 
             def ours(bits, kernel="auto"):
                 return Cycler(lut[bits][0], lambda c: _C.lut_matmul(
@@ -155,6 +160,10 @@ def main():
             fns = {"4": ours(4), "3": ours(3),
                    "int4": Cycler(i4, lambda c: torch._weight_int4pack_mm_for_cpu(xb, c[0], 128, c[1])),
                    "fp32": Cycler(w32, lambda w: F.linear(x, w))}
+            if has_bf16:
+                for bits in (4, 3):
+                    fns[f"{bits}bf16"] = Cycler(lut[bits][0], lambda c, bits=bits: _C.lut_matmul_bf16(
+                        xbn, c[0], c[1], bits, in_f, None, threads, False))
             r = round_robin(fns, args.reps)
             m = {k: float(stat(v)) for k, v in r.items()}
             gb4, gb3 = lut[4][1] / m["4"] / 1e9, lut[3][1] / m["3"] / 1e9
@@ -164,6 +173,13 @@ def main():
                   f"{m['int4'] / m['3']:.2f}x ({spread(r['int4'] / r['3'])}) | "
                   f"{m['fp32'] / m['4']:.2f}x | {gb4:.1f} | {100 * gb4 * 1e9 / bw_med:.0f}% | "
                   f"{gb3:.1f} | {i4_bytes / m['int4'] / 1e9:.1f} |", flush=True)
+            if has_bf16:
+                bf16_rows.append(
+                    f"| {out_f}x{in_f} | {batch} | {m['4bf16'] * 1e3:.3f} | {m['3bf16'] * 1e3:.3f} | "
+                    f"{m['int4'] * 1e3:.3f} | {m['int4'] / m['4bf16']:.2f}x "
+                    f"({spread(r['int4'] / r['4bf16'])}) | {m['int4'] / m['3bf16']:.2f}x "
+                    f"({spread(r['int4'] / r['3bf16'])}) | {m['4'] / m['4bf16']:.2f}x | "
+                    f"{lut[4][1] / m['4bf16'] / 1e9:.1f} |")
             if batch == 1:
                 pf = {f"{bits}b {k}": ours(bits, k) for bits in (4, 3) for k in _C.cpu_kernels()}
                 pr = round_robin(pf, max(5, args.reps // 3))
@@ -176,6 +192,13 @@ def main():
                     rs = round_robin({"dense": ours(3), "sparse": sp}, args.reps)
                     sparse_rows.append((shape, batch, frac, float(stat(rs["dense"])),
                                         float(stat(rs["sparse"]))))
+    if bf16_rows:
+        print("\nbf16 activations (the x torch's int4 kernel gets; `_C.lut_matmul_bf16`, AVX512-BF16):\n")
+        print("| out x in | batch | sqllm 4b bf16 ms | sqllm 3b bf16 ms | torch int4 ms "
+              "| 4b bf16 vs int4 (spread) | 3b bf16 vs int4 (spread) | 4b bf16 vs 4b fp32 | 4b bf16 GB/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for row in bf16_rows:
+            print(row)
     print(f"\nKernel paths at batch 1 (ms, {args.stat}; forced with kernel=...):\n")
     for shape, d in paths:
         print(f"- {shape}: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in d.items()))
