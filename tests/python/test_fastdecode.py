@@ -3,7 +3,7 @@
 Reference: the same model in float64 (every quantized layer replaced by an
 nn.Linear / nn.Embedding holding its dequantized weight, which fp32 and fp64
 represent exactly), run step by step by transformers (eager attention,
-DynamicCache) on the tokens fastdecode produced (teacher forcing, so the two
+its cache) on the tokens fastdecode produced (teacher forcing, so the two
 stay on one sequence).
 
 Tolerance: fastdecode and transformers' fp32 eager forward evaluate the same
@@ -80,7 +80,7 @@ CASES = {
     # heads*head_dim != hidden, a prompt of 70 tokens (prefill's batched path).
     "fp32-yarn-headdim": dict(
         model=dict(hidden=40, heads=4, kv=2, head_dim=12, inter=56, tie=False,
-                   rope=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)),
+                   rope=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)),
         quant=None, prompt=70),
     # 2-bit rows (word-aligned path at in=272 >= 256), 8-bit embedding (uniform
     # grid per row), prompt of 70 (lut_matmul's GEMM path in prefill).
@@ -125,11 +125,9 @@ def _hf_step_logits(model, seq, prompt_len):
     """transformers' logits for each new token of seq (prefill, then one step each)."""
     out = model(seq[:, :prompt_len], use_cache=True)
     logits = [out.logits[0, -1]]
-    past = out.past_key_values
     for t in range(prompt_len, seq.shape[1] - 1):
-        out = model(seq[:, t:t + 1], past_key_values=past, use_cache=True)
+        out = model(seq[:, t:t + 1], cache=out.cache, use_cache=True)
         logits.append(out.logits[0, -1])
-        past = out.past_key_values
     return torch.stack(logits).double()
 
 
