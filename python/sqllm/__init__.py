@@ -36,6 +36,7 @@ from .nn_ptq161 import PTQ161QuantLinear
 from . import ptq161 as _ptq161  # registers the "ptq161" method
 from .nn_glut import GlutQuantLinear
 from .glut import glut_quantize
+from . import fastdecode  # sqllm.fastdecode.generate: the C++ LLaMA decode path
 
 __all__ = [
     "CalibrationConfig",

@@ -34,7 +34,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time each quantized variant with sqllm.compiled.generate (static "
                         "KV cache, torch.compile'd decode step; CPU), alternating with the eager "
                         "runs; its compile is warm-up")
+    p.add_argument("--fastdecode", action="store_true",
+                   help="also time each variant (the baseline included) with "
+                        "sqllm.fastdecode.generate (the whole forward pass in C++; CPU, fp32), "
+                        "alternating with the other runs")
     return p.parse_args(argv)
 
 
@@ -96,22 +100,27 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def time_generation(model, prompt: torch.Tensor, args: argparse.Namespace,
-                    device: torch.device, modes: Tuple[bool, ...] = (False,)
-                    ) -> Dict[bool, Tuple[float, float, float, float]]:
-    """For each mode (False: eager ``model.generate``; True: sqllm.compiled.generate),
+                    device: torch.device, modes: Tuple[Any, ...] = (False,)
+                    ) -> Dict[Any, Tuple[float, float, float, float]]:
+    """For each mode (False: eager ``model.generate``; True: sqllm.compiled.generate;
+    "fast": sqllm.fastdecode.generate),
     (median decode tokens/s, median seconds to the first token, min and max
     tokens/s).  The modes alternate within each repeat, so a busy machine's
     slow spells fall on both."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen_kwargs = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
-    if any(modes):
+    if any(m is True for m in modes):
         from sqllm.compiled import generate as compiled_generate
+    if "fast" in modes:
+        from sqllm import fastdecode
 
     def run(n: int, compiled: bool) -> float:
         sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if compiled:
+            if compiled == "fast":
+                out = fastdecode.generate(model, prompt, n)
+            elif compiled:
                 out = compiled_generate(model, prompt, max_new_tokens=n, min_new_tokens=n,
                                         **gen_kwargs)
             else:
@@ -123,9 +132,9 @@ def time_generation(model, prompt: torch.Tensor, args: argparse.Namespace,
     for compiled in modes:
         # warm-up (kernel selection, allocator, caches; compiled: the decode step's
         # compile for this cache length -- a 1-token run has no decode step)
-        run(args.new_tokens if compiled else min(8, args.new_tokens), compiled)
-    firsts: Dict[bool, List[float]] = {m: [] for m in modes}
-    rates: Dict[bool, List[float]] = {m: [] for m in modes}
+        run(args.new_tokens if compiled is True else min(8, args.new_tokens), compiled)
+    firsts: Dict[Any, List[float]] = {m: [] for m in modes}
+    rates: Dict[Any, List[float]] = {m: [] for m in modes}
     for _ in range(args.repeats):
         for compiled in modes:
             t1 = run(1, compiled)
@@ -182,10 +191,14 @@ def main(argv=None) -> int:
             logging.getLogger("bench_generate").info("%s: quantized in %.1f s", variant,
                                                      time.perf_counter() - t0)
         model.to(device).eval()
-        modes = (False, True) if args.compile and variant != "baseline" else (False,)
+        modes: Tuple[Any, ...] = (False, True) if args.compile and variant != "baseline" \
+            else (False,)
+        if args.fastdecode:
+            modes = modes + ("fast",)
         timed = time_generation(model, prompt, args, device, modes)
         for compiled, (rate, first, lo, hi) in timed.items():
-            label = variant + (" compiled" if compiled else "")
+            label = variant + (" fastdecode" if compiled == "fast" else
+                               " compiled" if compiled else "")
             results[label] = (rate, first, weight_bytes(model), lo, hi)
             print(f"{label}: {rate:.1f} tok/s, first token {first * 1e3:.0f} ms", flush=True)
         if variant != "baseline":

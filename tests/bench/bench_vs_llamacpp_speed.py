@@ -54,6 +54,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sqllm", action="store_true", help="then run bench_generate.py (CPU)")
     p.add_argument("--sqllm-args", default="--bits 4 3 --embed-bits 0 8 4",
                    help="extra arguments of bench_generate.py")
+    p.add_argument("--fastdecode", action="store_true",
+                   help="with --sqllm: also time sqllm.fastdecode (bench_generate.py --fastdecode)")
     return p.parse_args(argv)
 
 
@@ -142,7 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         import bench_generate
 
         return bench_generate.main(["--device", "cpu", "--quiet", "--threads", str(args.threads),
-                                    *shlex.split(args.sqllm_args)])
+                                    *shlex.split(args.sqllm_args),
+                                    *(["--fastdecode"] if args.fastdecode else [])])
     return 0
 
 
