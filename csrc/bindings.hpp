@@ -22,6 +22,7 @@ void init_ptq161(py::module_& m);  // the PTQ1.61 format's matmul/dequantize
 void init_glut(py::module_& m);  // grouped lookup tables (glut format)
 void init_cuda(py::module_& m);  // always defined; reports has_cuda() == False without nvcc
 void init_vq_cuda(py::module_& m);  // the CUDA VQ kernels (registers nothing without CUDA)
+void init_glut_cuda(py::module_& m);  // the CUDA glut kernels (registers nothing without CUDA)
 
 /// A C-contiguous array of T, converting (copying) only when needed.  Raises
 /// TypeError naming `arg` if the input cannot be converted.

@@ -31,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   sqllm::bind::init_glut(m);
   sqllm::bind::init_cuda(m);
   sqllm::bind::init_vq_cuda(m);
+  sqllm::bind::init_glut_cuda(m);
 }
