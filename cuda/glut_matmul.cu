@@ -22,7 +22,10 @@
 // pitch = tk / 32 + 1 (odd for the staging writes).  A shfl_xor butterfly
 // reduces each sum over the warp; lane 0 rounds it once to the output type.
 // Past the last code of a row the words are not read (zero), and the codes
-// there meet x = 0.
+// there meet x = 0.  The kernel is a template on (BITS, NB, ALIGNED) only --
+// 64 instantiations; the activation type is a run-time switch in the staging
+// loop and the final store, which touch x and y once.  `#pragma unroll` is
+// nvcc's; the emulator's g++ ignores it (compile time over host speed).
 //
 // Error: every output is an fp32 sum, in some order, of the `in` exact
 // products x * Ŵ (FMAs), so |y - sum x Ŵ| <= gamma(in) * sum |x Ŵ| before the
@@ -77,6 +80,7 @@ struct GemvParams {
   const void* x;
   void* y;
   long long x_stride;
+  DType dtype;  // of x and y (a run-time switch: staging and the final store only)
   int batch;
   int tk;     // columns per staged tile (multiple of 32)
   int pitch;  // tk / 32 + 1
@@ -86,6 +90,30 @@ __device__ __forceinline__ float half_at(const std::uint16_t* p) {
   return __half2float(__ushort_as_half(__ldg(p)));
 }
 
+__device__ __forceinline__ float load_x(const void* x, long long k, DType d) {
+  switch (d) {
+    case DType::F16:
+      return Act<__half>::load(static_cast<const __half*>(x) + k);
+    case DType::BF16:
+      return Act<__nv_bfloat16>::load(static_cast<const __nv_bfloat16*>(x) + k);
+    default:
+      return Act<float>::load(static_cast<const float*>(x) + k);
+  }
+}
+
+__device__ __forceinline__ void store_y(void* y, long long k, DType d, float v) {
+  switch (d) {
+    case DType::F16:
+      static_cast<__half*>(y)[k] = Act<__half>::from_float(v);
+      break;
+    case DType::BF16:
+      static_cast<__nv_bfloat16*>(y)[k] = Act<__nv_bfloat16>::from_float(v);
+      break;
+    default:
+      static_cast<float*>(y)[k] = v;
+  }
+}
+
 /// First column of the group after group j, or a position never reached when
 /// group j is the row's last.
 __device__ __forceinline__ int next_group_start(int j, const Layer& w) {
@@ -93,7 +121,7 @@ __device__ __forceinline__ int next_group_start(int j, const Layer& w) {
   return n < w.in ? static_cast<int>(n) : kNoNext;
 }
 
-template <class T, int BITS, int NB, bool ALIGNED>
+template <int BITS, int NB, bool ALIGNED>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvParams p) {
   SQLLM_DYNAMIC_SHARED(float, xs);
   constexpr int K = 1 << BITS;
@@ -103,7 +131,6 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvParams p) {
   const int o = static_cast<int>(blockIdx.x) * kWarps + (tid >> 5);
   const int b0 = static_cast<int>(blockIdx.y) * NB;
   const int nb = min(NB, p.batch - b0);
-  const T* x = static_cast<const T*>(p.x);
   const int ct = p.tk >> 5;
   const int chunks = (w.in + 31) >> 5;
   const int orow = min(o, w.out - 1);  // rows past `out` only stage and synchronise
@@ -111,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvParams p) {
   const long long tbase = static_cast<long long>(orow) * w.G;
 
   float acc[NB];
-  SQLLM_UNROLL
+#pragma unroll
   for (int b = 0; b < NB; ++b) acc[b] = 0.f;
 
   for (int t0 = 0; t0 < w.in; t0 += p.tk) {
@@ -119,10 +146,10 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvParams p) {
     for (int jj = tid; jj < p.tk; jj += kThreads) {
       const int col = t0 + jj;
       float* dst = xs + (jj & 31) * NB * p.pitch + (jj >> 5);
-      SQLLM_UNROLL
+#pragma unroll
       for (int b = 0; b < NB; ++b) {
         dst[b * p.pitch] =
-            (b < nb && col < w.in) ? Act<T>::load(x + static_cast<long long>(b0 + b) * p.x_stride + col) : 0.f;
+            (b < nb && col < w.in) ? load_x(p.x, static_cast<long long>(b0 + b) * p.x_stride + col, p.dtype) : 0.f;
       }
     }
     __syncthreads();
@@ -132,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvParams p) {
       for (int c = c0 + lane; c < c1; c += 32) {
         std::uint32_t wd[BITS];
         const int w0 = c * BITS;
-        SQLLM_UNROLL
+#pragma unroll
         for (int q = 0; q < BITS; ++q) wd[q] = w0 + q < w.words ? __ldg(row + w0 + q) : 0u;
         std::uint32_t code[32];
         decode32<BITS>(wd, 0, code);
@@ -143,15 +170,15 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvParams p) {
         float s = half_at(w.scales + tbase + j);
         float off = half_at(w.offsets + tbase + j);
         if constexpr (ALIGNED) {  // the chunk lies in group j
-          SQLLM_UNROLL
+#pragma unroll
           for (int k = 0; k < 32; ++k) {
             const float wt = glut_entry(__ldg(tab + code[k]), s, off);
-            SQLLM_UNROLL
+#pragma unroll
             for (int b = 0; b < NB; ++b) acc[b] = fmaf(xc[(k * NB + b) * p.pitch], wt, acc[b]);
           }
         } else {
           int next = next_group_start(j, w);
-          SQLLM_UNROLL
+#pragma unroll
           for (int k = 0; k < 32; ++k) {
             if (i0 + k == next) {  // a group boundary inside the chunk (before `in`)
               ++j;
@@ -161,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvParams p) {
               off = half_at(w.offsets + tbase + j);
             }
             const float wt = glut_entry(__ldg(tab + code[k]), s, off);
-            SQLLM_UNROLL
+#pragma unroll
             for (int b = 0; b < NB; ++b) acc[b] = fmaf(xc[(k * NB + b) * p.pitch], wt, acc[b]);
           }
         }
@@ -169,13 +196,12 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvParams p) {
     }
   }
   if (o >= w.out) return;  // warp-uniform; no barrier follows
-  T* y = static_cast<T*>(p.y);
-  SQLLM_UNROLL
+#pragma unroll
   for (int b = 0; b < NB; ++b) {
     float v = acc[b];
-    SQLLM_UNROLL
+#pragma unroll
     for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(detail::kFullMask, v, m);
-    if (lane == 0 && b < nb) y[static_cast<long long>(b0 + b) * w.out + o] = Act<T>::from_float(v);
+    if (lane == 0 && b < nb) store_y(p.y, static_cast<long long>(b0 + b) * w.out + o, p.dtype, v);
   }
 }
 
@@ -239,40 +265,33 @@ glut::Layer check_layer(const GlutView& v, const char* fn) {
   return d;
 }
 
-template <class T, int BITS, int NB>
+template <int BITS, int NB>
 cudaError_t launch_gemv(const glut::GemvParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.w.out + glut::kWarps - 1) / glut::kWarps),
                   static_cast<unsigned>((p.batch + NB - 1) / NB));
   const std::size_t smem = sizeof(float) * 32 * NB * static_cast<std::size_t>(p.pitch);
   if (p.w.g % 32 == 0) {
-    auto kernel = glut::gemv_kernel<T, BITS, NB, true>;
+    auto kernel = glut::gemv_kernel<BITS, NB, true>;
     SQLLM_KERNEL_LAUNCH(kernel, grid, dim3(glut::kThreads), smem, stream, p);
   } else {
-    auto kernel = glut::gemv_kernel<T, BITS, NB, false>;
+    auto kernel = glut::gemv_kernel<BITS, NB, false>;
     SQLLM_KERNEL_LAUNCH(kernel, grid, dim3(glut::kThreads), smem, stream, p);
   }
   return cudaGetLastError();
 }
 
-template <class T, int BITS>
+template <int BITS>
 cudaError_t launch_gemv_nb(const glut::GemvParams& p, int nb, cudaStream_t stream) {
   switch (nb) {
     case 1:
-      return launch_gemv<T, BITS, 1>(p, stream);
+      return launch_gemv<BITS, 1>(p, stream);
     case 2:
-      return launch_gemv<T, BITS, 2>(p, stream);
+      return launch_gemv<BITS, 2>(p, stream);
     case 4:
-      return launch_gemv<T, BITS, 4>(p, stream);
+      return launch_gemv<BITS, 4>(p, stream);
     default:
-      return launch_gemv<T, BITS, 8>(p, stream);
+      return launch_gemv<BITS, 8>(p, stream);
   }
-}
-
-template <class T>
-cudaError_t launch_gemv_typed(const glut::GemvParams& p, int bits, int nb, cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
-  SQLLM_DISPATCH_BITS(bits, BITS, err = launch_gemv_nb<T, BITS>(p, nb, stream);)
-  return err;
 }
 
 }  // namespace
@@ -299,19 +318,10 @@ void glut_matmul(const GlutMatmulArgs& a) {
   const int chunk_cols = ((w.in + 31) / 32) * 32;
   p.tk = std::min(glut::kStageFloats / nb, chunk_cols);
   p.pitch = p.tk / 32 + 1;
+  p.dtype = a.dtype;
   const auto stream = static_cast<cudaStream_t>(a.stream);
   cudaError_t err = cudaSuccess;
-  switch (a.dtype) {
-    case DType::F16:
-      err = launch_gemv_typed<__half>(p, a.layer.bits, nb, stream);
-      break;
-    case DType::BF16:
-      err = launch_gemv_typed<__nv_bfloat16>(p, a.layer.bits, nb, stream);
-      break;
-    case DType::F32:
-      err = launch_gemv_typed<float>(p, a.layer.bits, nb, stream);
-      break;
-  }
+  SQLLM_DISPATCH_BITS(a.layer.bits, BITS, err = launch_gemv_nb<BITS>(p, nb, stream);)
   glut_cuda_check(err, "glut GEMV launch", ctx);
 }
 
