@@ -24,6 +24,8 @@ void init_cuda(py::module_& m);  // always defined; reports has_cuda() == False 
 void init_vq_cuda(py::module_& m);  // the CUDA VQ kernels (registers nothing without CUDA)
 void init_decode(py::module_& m);  // the C++ LLaMA decoder (llama_decode.hpp)
 
+void init_glut_cuda(py::module_& m);  // the CUDA glut kernels (registers nothing without CUDA)
+
 /// A C-contiguous array of T, converting (copying) only when needed.  Raises
 /// TypeError naming `arg` if the input cannot be converted.
 template <class T>

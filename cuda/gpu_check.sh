@@ -2,7 +2,7 @@
 # GPU checks of the CUDA kernels in one command, for a machine with a CUDA
 # device, nvcc, CMake, PyTorch (CUDA build), pybind11 and pytest:
 #
-#   bash cuda/gpu_check.sh [all|build|test|sanitize|bench] [bench options...]
+#   bash cuda/gpu_check.sh [all|build|test|sanitize|bench|e2e|vq|glut] [bench options...]
 #
 #   build     configure + build sqllm._C with the CUDA kernels into $BUILD
 #             (default build/gpu; CMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH, default
@@ -16,6 +16,12 @@
 #             widths (8 layers) and for SmolLM2-135M.
 #   vq        the VQ (VPTQ) kernels: pytest tests/python/test_vptq_cuda.py, then
 #             python tests/bench/bench_cuda.py --vq [bench options] (run after build).
+#   glut      the glut (grouped lookup table) kernels, one command: builds first
+#             unless the module in python/sqllm already has CUDA kernels, then
+#             pytest tests/python/test_glut_cuda.py, compute-sanitizer memcheck
+#             over a subset of it (when installed), and
+#             python tests/bench/bench_glut_cuda.py [bench options] (GEMV, dequantize
+#             + cuBLAS, dense fp16 cuBLAS; batch 1/4/16; 4096^2 and 576-wide; GB/s).
 #   all       build, test, sanitize, bench, e2e (the default).
 #
 # Logs go to $OUT when it is set (the device tool's result folder), else $BUILD.
@@ -112,6 +118,24 @@ do_vq() {
   return $rc
 }
 
+do_glut() {
+  local rc=0
+  if ! PYTHONPATH="$ROOT/python" $PY -c "import sys, sqllm; sys.exit(0 if sqllm._C.cuda_compiled() and hasattr(sqllm._C, 'cuda_glut_matmul') else 1)" 2>/dev/null; then
+    do_build || return $?
+  fi
+  (cd "$ROOT/tests" && PYTHONPATH="$ROOT/python" $PY -m pytest -q -c "$ROOT/pyproject.toml" \
+    -p no:cacheprovider python/test_glut_cuda.py 2>&1 | tee "$LOGDIR/test_glut_cuda.log") || rc=$?
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    (cd "$ROOT/tests" && PYTHONPATH="$ROOT/python" PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 600 \
+      compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -c "$ROOT/pyproject.toml" \
+      -p no:cacheprovider python/test_glut_cuda.py -k "(test_gemv_equals_float64 and fp16 and (b3g33 or b4g288)) or test_dequantize" \
+      2>&1 | tee "$LOGDIR/sanitize_glut.log") || rc=$?
+  fi
+  PYTHONPATH="$ROOT/python" $PY "$ROOT/tests/bench/bench_glut_cuda.py" "$@" 2>&1 |
+    tee "$LOGDIR/bench_glut.md" || rc=$?
+  return $rc
+}
+
 case "$step" in
   build) do_build || status=$? ;;
   test) do_test || status=$? ;;
@@ -119,6 +143,7 @@ case "$step" in
   bench) do_bench "$@" || status=$? ;;
   e2e) do_e2e "$@" || status=$? ;;
   vq) do_vq "$@" || status=$? ;;
+  glut) do_glut "$@" || status=$? ;;
   all)
     do_build || exit $?
     do_test || status=$?
@@ -127,7 +152,7 @@ case "$step" in
     do_e2e || status=$?
     ;;
   *)
-    echo "usage: bash cuda/gpu_check.sh [all|build|test|sanitize|bench|e2e|vq] [options]" >&2
+    echo "usage: bash cuda/gpu_check.sh [all|build|test|sanitize|bench|e2e|vq|glut] [options]" >&2
     exit 2
     ;;
 esac

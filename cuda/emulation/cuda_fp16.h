@@ -14,3 +14,4 @@ struct __half {
 };
 inline float __half2float(__half h) { return ::sqllm::half_bits_to_float(h.bits); }
 inline __half __float2half_rn(float f) { return __half{::sqllm::float_to_half_bits(f)}; }
+inline __half __ushort_as_half(unsigned short u) { return __half{u}; }

@@ -9,7 +9,8 @@
 //
 // with q uint8 and offset/scale fp16 -- 8 K + 32 bits per table instead of
 // 16 K (fp16) or 32 K (fp32) -- computed in fp32 as one fused multiply-add,
-// glut_entry() below, everywhere (kernels, references, Python) so that every
+// glut_entry() of sqllm/format/glut.hpp (with GlutView, the one view of the
+// layout), everywhere (kernels, CUDA, references, Python) so that every
 // path decodes the same fp32 values bit for bit.  The codes are packed with
 // packing.hpp (one bit stream per output row) exactly as the "lut" format:
 // Ŵ[o, i] = entry code(o, i) of table (o, i / g).
@@ -47,6 +48,7 @@
 #include <Eigen/Core>
 
 #include "sqllm/error.hpp"
+#include "sqllm/format/glut.hpp"
 #include "sqllm/half.hpp"
 #include "sqllm/kmeans1d.hpp"
 #include "sqllm/packing.hpp"
@@ -57,18 +59,6 @@
 #endif
 
 namespace sqllm {
-
-constexpr int kGlutMinBits = 1;
-constexpr int kGlutMaxBits = 8;
-constexpr int kGlutMinGroup = 1;
-
-/// Number of groups (tables) per row.
-inline std::size_t glut_num_groups(std::size_t in, std::size_t g) { return (in + g - 1) / g; }
-
-/// Entry value from the compact form (fp32 fused multiply-add; the one definition).
-inline float glut_entry(std::uint8_t q, float scale, float offset) {
-  return std::fma(scale, static_cast<float>(q), offset);
-}
 
 /// Parameters of the grouped quantizer.
 struct GlutParams {
@@ -83,45 +73,6 @@ inline void check_glut_params(const GlutParams& p) {
   SQLLM_CHECK(p.bits >= kGlutMinBits && p.bits <= kGlutMaxBits, "glut: bits must be in 1..8, got ",
               p.bits);
   SQLLM_CHECK(p.group_size >= kGlutMinGroup, "glut: group_size must be >= 1, got ", p.group_size);
-}
-
-/// A view of a packed glut layer (all pointers borrowed).
-struct GlutView {
-  const std::uint32_t* qweight = nullptr;  ///< out x packed_words(in, bits)
-  const std::uint8_t* tables = nullptr;    ///< out x G x K
-  const std::uint16_t* scales = nullptr;   ///< out x G (fp16 bits)
-  const std::uint16_t* offsets = nullptr;  ///< out x G (fp16 bits)
-  std::size_t out = 0, in = 0;
-  int bits = 4;
-  int group_size = 128;
-  std::size_t groups() const { return glut_num_groups(in, static_cast<std::size_t>(group_size)); }
-  std::size_t K() const { return std::size_t{1} << bits; }
-};
-
-/// Throws unless the view is consistent: shapes, finite scale/offset (the
-/// decoded entries must be finite too).
-inline void check_glut_view(const GlutView& v) {
-  SQLLM_CHECK(v.bits >= kGlutMinBits && v.bits <= kGlutMaxBits, "glut: bits must be in 1..8, got ",
-              v.bits);
-  SQLLM_CHECK(v.group_size >= 1, "glut: group_size must be >= 1, got ", v.group_size);
-  SQLLM_CHECK(v.out > 0 && v.in > 0, "glut: the layer must be non-empty, got (", v.out, ", ", v.in, ")");
-  const std::size_t G = v.groups(), K = v.K();
-  for (std::size_t t = 0; t < v.out * G; ++t) {
-    const float s = half_bits_to_float(v.scales[t]), o = half_bits_to_float(v.offsets[t]);
-    SQLLM_CHECK(std::isfinite(s) && std::isfinite(o), "glut: scale/offset of table ", t,
-                " (row ", t / G, ", group ", t % G, ") is not finite");
-    for (std::size_t k = 0; k < K; ++k)
-      SQLLM_CHECK(std::isfinite(glut_entry(v.tables[t * K + k], s, o)), "glut: entry ", k,
-                  " of table ", t, " overflows float32");
-  }
-  if ((v.in * static_cast<std::size_t>(v.bits)) % 32 != 0) {  // tail bits must be zero
-    const std::size_t words = packed_words(v.in, v.bits);
-    const unsigned used = static_cast<unsigned>((v.in * static_cast<std::size_t>(v.bits)) % 32);
-    const std::uint32_t mask = ~((std::uint32_t{1} << used) - 1u);
-    for (std::size_t o = 0; o < v.out; ++o)
-      SQLLM_CHECK((v.qweight[o * words + words - 1] & mask) == 0u, "glut: row ", o,
-                  " of qweight has non-zero bits past its last code (corrupt data)");
-  }
 }
 
 /// Decode all tables of a view to fp32: out x G x K.

@@ -105,7 +105,7 @@ class GlutQuantLinear(QuantLinearBase):
     format = "glut"
     format_version = 1
     layer_params = {"bits": int, "group_size": int}
-    supports = {"bits": tuple(range(1, 9)), "sparse": False, "devices": ("cpu",)}
+    supports = {"bits": tuple(range(1, 9)), "sparse": False, "devices": ("cpu", "cuda")}
     _FIXED_DTYPE_BUFFERS = ("scales", "offsets")
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
@@ -160,6 +160,12 @@ class GlutQuantLinear(QuantLinearBase):
         return cfg
 
     # -- state ------------------------------------------------------------
+    def _host_arrays(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The buffers as the C++ functions take them, copied to the host (not cached)."""
+        return (_u32(self.qweight.cpu()), self.tables.detach().cpu().numpy(),
+                self.scales.detach().cpu().numpy().view(np.uint16),
+                self.offsets.detach().cpu().numpy().view(np.uint16))
+
     def _operands(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         bufs = (self.qweight, self.tables, self.scales, self.offsets)
         key = tuple(bufs) + tuple(_version_of(b) for b in bufs)
@@ -167,9 +173,7 @@ class GlutQuantLinear(QuantLinearBase):
         if hit is not None and len(hit[0]) == len(key) and all(
                 a is b or (type(a) is int and a == b) for a, b in zip(hit[0], key)):
             return hit[1]
-        ops = (_u32(self.qweight.cpu()), self.tables.detach().cpu().numpy(),
-               self.scales.detach().cpu().numpy().view(np.uint16),
-               self.offsets.detach().cpu().numpy().view(np.uint16))
+        ops = self._host_arrays()
         self._cache["cpu"] = (key, ops)
         return ops
 
@@ -181,7 +185,10 @@ class GlutQuantLinear(QuantLinearBase):
                   "scales": ((self.out_features, g), torch.float16),
                   "offsets": ((self.out_features, g), torch.float16)}
         self._check_buffer_specs(expect)
-        _C.check_glut(*self._operands(), self.bits, self.group_size, self.in_features)
+        # On a GPU the buffers are copied to the host for the check only (a
+        # cached host copy would double the layer's memory).
+        ops = self._operands() if self.qweight.device.type == "cpu" else self._host_arrays()
+        _C.check_glut(*ops, self.bits, self.group_size, self.in_features)
         self._checked = True
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
@@ -191,18 +198,45 @@ class GlutQuantLinear(QuantLinearBase):
 
     # -- math -------------------------------------------------------------
     def dequantize(self) -> torch.Tensor:
+        """Ŵ as float32 (out, in) on the layer's device; on a GPU with the CUDA
+        kernels decoded there (the same bits as the CPU decode)."""
+        if self.qweight.device.type == "cuda":
+            from . import kernels_cuda_glut
+
+            if kernels_cuda_glut.available():
+                if not self._checked:
+                    self.validate()
+                return kernels_cuda_glut.glut_dequantize(self, torch.float32, self.qweight.device)
+            w = _C.glut_dequantize(*self._host_arrays(), self.bits, self.group_size,
+                                   self.in_features)
+            return torch.from_numpy(w).to(self.qweight.device)
         w = _C.glut_dequantize(*self._operands(), self.bits, self.group_size, self.in_features)
         return torch.from_numpy(w).to(self.qweight.device)
 
     def backend(self, device: torch.device) -> str:
-        return "cuda-dequantize" if device.type == "cuda" else "cpu"
+        if device.type != "cuda":
+            return "cpu"
+        from . import kernels_cuda_glut
+
+        return ("cuda" if kernels_cuda_glut.available()
+                else "cuda-dequantize (no CUDA glut kernels built)")
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device != self.qweight.device:
             raise ValueError(f"input is on {x2.device} but the layer's buffers are on "
                              f"{self.qweight.device}")
-        if not self._checked and x2.device.type == "cpu":
+        if not self._checked:
             self.validate()
+        if x2.device.type == "cuda":
+            from . import kernels_cuda_glut
+
+            if kernels_cuda_glut.available():
+                if x2.shape[0] <= kernels_cuda_glut.GEMV_MAX_BATCH:
+                    # fp32 in and out: forward() adds the bias and rounds once
+                    return kernels_cuda_glut.glut_matmul(x2.to(torch.float32), self)
+                # decoded on the GPU for this call only (memory stays packed)
+                w = kernels_cuda_glut.glut_dequantize(self, x2.dtype, x2.device)
+                return torch.nn.functional.linear(x2, w)
         if x2.device.type != "cpu" or x2.shape[0] >= GEMM_MIN_ROWS:
             # Many rows (a prompt, a perplexity window) or no kernel for the
             # device: decode Ŵ (O(out*in), small next to the GEMM) and use the
