@@ -13,8 +13,12 @@
 // its distance to its own (moved) centroid, every centroid of such a group,
 // and refreshes their bounds.  Points whose centroid provably stays nearest
 // cost one distance and G subtractions: O(n G) instead of O(n k) per step.
-// The first assignment evaluates every group (one pass like brute force,
-// blocks of points sharing the tiles) and writes the bounds.
+// The first assignment (no bounds yet) searches the k-d split that made the
+// groups, near side first: a subtree whose box lies farther than the best
+// value found is skipped, and its groups get the box distance as their bound
+// (v <= 8; above, every group is evaluated, blocks of points sharing tiles).
+// Group minima are found without indices; the exact winner and the second
+// value come from re-evaluating the groups that reach the minimum.
 //
 // Exactness.  The values compared are the brute-force kernel's, bit for bit:
 // K(x, c) = fl(||c||^2) + sum_d fma(-2 c_d, x_d, .) in fp32 (the same tiles,
@@ -51,6 +55,9 @@ namespace detail {
 
 /// At most this many groups (per-point bounds: n * G floats).
 constexpr std::size_t kYyMaxGroups = 64;
+/// The first assignment searches the k-d split of the groups up to this vector
+/// length (above: every group, blocks of points sharing the tiles).
+constexpr int kYyTreeMaxDim = 8;
 
 struct YinyangState {
   std::size_t k = 0, n = 0, G = 0, S = 0;  ///< centroids, points, groups, group size
@@ -61,6 +68,18 @@ struct YinyangState {
   std::vector<std::int32_t> ids;           ///< centroid id of each tile lane (padding: INT32_MAX)
   std::vector<float> norms;                ///< fl(||c_j||^2) by id, as the tiles hold them
   std::vector<float> gdrift;               ///< per group: largest drift of a member
+  /// The k-d split that made the groups: node i splits coordinate dim at `split`
+  /// (members of left <= split <= members of right, for the centroids the groups
+  /// were made from); a child < 0 is the leaf of group -1 - child.  Groups
+  /// [glo, ghi) lie below the node.
+  struct Node {
+    int dim;
+    float split;
+    int left, right;
+    std::uint32_t glo, ghi;
+  };
+  std::vector<Node> nodes;
+  int root = -1;
   bool have = false;                       ///< bounds valid for the last assignment
   std::size_t tile_begin(std::size_t g) const { return g * S / kVecLanes; }
   std::size_t tile_end(std::size_t g) const {
@@ -70,50 +89,54 @@ struct YinyangState {
 
 /// Groups of S centroids (the last one possibly smaller) by recursive median
 /// splits along the widest coordinate; ids sorted within a group.  Deterministic.
+inline int yy_split(const float* C, std::size_t V, YinyangState& s, std::size_t lo, std::size_t hi) {
+  const std::size_t S = s.S;
+  if (hi - lo <= S) {
+    std::sort(s.perm.begin() + static_cast<std::ptrdiff_t>(lo), s.perm.begin() + static_cast<std::ptrdiff_t>(hi));
+    return -1 - static_cast<int>(lo / S);
+  }
+  std::size_t dim = 0;
+  float widest = -1.0f;
+  for (std::size_t d = 0; d < V; ++d) {
+    float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+    for (std::size_t q = lo; q < hi; ++q) {
+      const float c = C[static_cast<std::size_t>(s.perm[q]) * V + d];
+      mn = std::min(mn, c);
+      mx = std::max(mx, c);
+    }
+    if (mx - mn > widest) {
+      widest = mx - mn;
+      dim = d;
+    }
+  }
+  const std::size_t m = (hi - lo + S - 1) / S;  // groups in the range (>= 2)
+  const std::size_t mid = lo + (m / 2) * S;
+  std::nth_element(s.perm.begin() + static_cast<std::ptrdiff_t>(lo),
+                   s.perm.begin() + static_cast<std::ptrdiff_t>(mid),
+                   s.perm.begin() + static_cast<std::ptrdiff_t>(hi), [&](std::int32_t a, std::int32_t b) {
+                     const float ca = C[static_cast<std::size_t>(a) * V + dim];
+                     const float cb = C[static_cast<std::size_t>(b) * V + dim];
+                     return ca < cb || (ca == cb && a < b);
+                   });
+  const auto node = static_cast<int>(s.nodes.size());
+  s.nodes.push_back({static_cast<int>(dim), C[static_cast<std::size_t>(s.perm[mid]) * V + dim], 0, 0,
+                     static_cast<std::uint32_t>(lo / S), static_cast<std::uint32_t>((hi + S - 1) / S)});
+  const int left = yy_split(C, V, s, lo, mid);
+  const int right = yy_split(C, V, s, mid, hi);
+  s.nodes[static_cast<std::size_t>(node)].left = left;
+  s.nodes[static_cast<std::size_t>(node)].right = right;
+  return node;
+}
+
 inline void yy_make_groups(const float* C, std::size_t k, int v, YinyangState& s) {
-  const std::size_t V = static_cast<std::size_t>(v);
   const std::size_t tiles = (k + 15) / 16;
   s.k = k;
   s.S = 16 * ((tiles + kYyMaxGroups - 1) / kYyMaxGroups);
   s.G = (k + s.S - 1) / s.S;
   s.perm.resize(k);
   std::iota(s.perm.begin(), s.perm.end(), 0);
-  std::vector<std::pair<std::size_t, std::size_t>> todo{{0, k}};
-  while (!todo.empty()) {
-    const auto [lo, hi] = todo.back();
-    todo.pop_back();
-    if (hi - lo <= s.S) {
-      std::sort(s.perm.begin() + static_cast<std::ptrdiff_t>(lo),
-                s.perm.begin() + static_cast<std::ptrdiff_t>(hi));
-      continue;
-    }
-    std::size_t dim = 0;
-    float widest = -1.0f;
-    for (std::size_t d = 0; d < V; ++d) {
-      float mn = std::numeric_limits<float>::infinity(), mx = -mn;
-      for (std::size_t q = lo; q < hi; ++q) {
-        const float c = C[static_cast<std::size_t>(s.perm[q]) * V + d];
-        mn = std::min(mn, c);
-        mx = std::max(mx, c);
-      }
-      if (mx - mn > widest) {
-        widest = mx - mn;
-        dim = d;
-      }
-    }
-    const std::size_t m = (hi - lo + s.S - 1) / s.S;  // groups in the range (>= 2)
-    const std::size_t mid = lo + (m / 2) * s.S;
-    std::nth_element(s.perm.begin() + static_cast<std::ptrdiff_t>(lo),
-                     s.perm.begin() + static_cast<std::ptrdiff_t>(mid),
-                     s.perm.begin() + static_cast<std::ptrdiff_t>(hi),
-                     [&](std::int32_t a, std::int32_t b) {
-                       const float ca = C[static_cast<std::size_t>(a) * V + dim];
-                       const float cb = C[static_cast<std::size_t>(b) * V + dim];
-                       return ca < cb || (ca == cb && a < b);
-                     });
-    todo.emplace_back(lo, mid);
-    todo.emplace_back(mid, hi);
-  }
+  s.nodes.clear();
+  s.root = yy_split(C, static_cast<std::size_t>(v), s, 0, k);
   s.group_of.resize(k);
   for (std::size_t q = 0; q < k; ++q) s.group_of[static_cast<std::size_t>(s.perm[q])] = static_cast<std::int32_t>(q / s.S);
 }
@@ -401,6 +424,91 @@ void yy_first_v(const float* X, std::size_t n, YinyangState& s, double c2max, st
   (void)nt;
 }
 
+/// Depth-first search of the k-d split for one point (first assignment): the near
+/// side first, the far side only when its box distance does not clear the best
+/// value so far; a skipped subtree's groups get the box distance as their bound.
+template <int V>
+struct YyTreeSearch {
+  const YinyangState& s;
+  const float (&x)[1][V];
+  double x2, E;
+  float* gmin;          // per group: smallest K (visited groups)
+  float* l;             // per group: the point's bounds
+  std::uint32_t* visit;  // visited groups
+  std::size_t nv = 0;
+  float Kbest = std::numeric_limits<float>::infinity();
+  float thr = std::numeric_limits<float>::infinity();
+  double off[V] = {};
+
+  void run(int node, double rd) {
+    if (node < 0) {
+      const std::size_t g = static_cast<std::size_t>(-1 - node);
+      yy_group_min<V, 1>(x, s.tiles.data(), s.tile_begin(g), s.tile_end(g), gmin + g, 1);
+      visit[nv++] = static_cast<std::uint32_t>(g);
+      if (gmin[g] < Kbest) {
+        Kbest = gmin[g];
+        thr = yy_threshold(Kbest, x2, E);
+      }
+      return;
+    }
+    const YinyangState::Node& nd = s.nodes[static_cast<std::size_t>(node)];
+    const double diff = static_cast<double>(x[0][nd.dim]) - static_cast<double>(nd.split);
+    run(diff <= 0.0 ? nd.left : nd.right, rd);
+    const int far = diff <= 0.0 ? nd.right : nd.left;
+    const double old = off[nd.dim];
+    const double rf = rd - old * old + diff * diff;  // squared distance to the far box
+    const double lb = std::sqrt(std::max(0.0, rf)) * (1.0 - 1e-12);
+    if (lb > static_cast<double>(thr)) {  // every centroid there has K > Kbest
+      const float lf = static_cast<float>(lb * (1.0 - 0x1.0p-22));
+      const YinyangState::Node* fn = far >= 0 ? &s.nodes[static_cast<std::size_t>(far)] : nullptr;
+      const std::size_t g0 = fn ? fn->glo : static_cast<std::size_t>(-1 - far);
+      const std::size_t g1 = fn ? fn->ghi : g0 + 1;
+      for (std::size_t g = g0; g < g1; ++g) l[g] = lf;
+      return;
+    }
+    off[nd.dim] = std::fabs(diff);
+    run(far, rf);
+    off[nd.dim] = old;
+  }
+};
+
+/// First assignment by the k-d split (valid for the centroids the groups were made from).
+template <int V>
+void yy_first_tree_v(const float* X, std::size_t n, YinyangState& s, double c2max, std::int32_t* out,
+                     int nt) {
+  const std::size_t G = s.G;
+  const auto nn = static_cast<std::ptrdiff_t>(n);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    std::vector<float> gmin(G);
+    std::vector<std::uint32_t> visit(G);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 256)
+#endif
+    for (std::ptrdiff_t ii = 0; ii < nn; ++ii) {
+      const std::size_t i = static_cast<std::size_t>(ii);
+      float x[1][V];
+      for (int d = 0; d < V; ++d) x[0][d] = X[i * V + static_cast<std::size_t>(d)];
+      const YyPoint<V> q = yy_point<V>(x[0], c2max);
+      float* l = s.lower.data() + i * G;
+      YyTreeSearch<V> ts{s, x, q.x2, q.E, gmin.data(), l, visit.data()};
+      ts.run(s.root, 0.0);
+      for (std::size_t e = 0; e < ts.nv; ++e) {
+        const std::size_t g = visit[e];
+        l[g] = yy_bound(gmin[g], q.x2, q.E);
+      }
+      std::int32_t w;
+      float second;
+      yy_resolve<V>(x, s, gmin.data(), visit.data(), ts.nv, ts.Kbest, w, second);
+      l[static_cast<std::size_t>(s.group_of[static_cast<std::size_t>(w)])] = yy_bound(second, q.x2, q.E);
+      out[i] = w;
+    }
+  }
+  (void)nt;
+}
+
 /// Later assignments: bounds decayed by the groups' drift, only the groups whose
 /// bound does not clear the point's own centroid evaluated.
 template <int V>
@@ -507,7 +615,10 @@ void yy_assign_v(const float* X, std::size_t n, const float* C, YinyangState& s,
   if (drift == nullptr || !s.have) {
     s.n = n;
     s.lower.assign(n * s.G, 0.0f);
-    yy_first_v<V>(X, n, s, c2max, out, nt);
+    if (V <= kYyTreeMaxDim)
+      yy_first_tree_v<V>(X, n, s, c2max, out, nt);
+    else
+      yy_first_v<V>(X, n, s, c2max, out, nt);
   } else {
     yy_next_v<V>(X, n, C, s, c2max, drift, prev, out, nt);
   }
@@ -525,11 +636,8 @@ inline void vec_assign_yinyang(const float* X, std::size_t n, int v, const float
   SQLLM_CHECK(v >= 2 && v <= 16, "vector length must be in 2..16, got ", v);
   SQLLM_CHECK(k >= 1 && k <= static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
               "yinyang assignment: bad k ", k);
-  if (s.k != k || s.perm.size() != k) {
-    yy_make_groups(C, k, v, s);
-    s.have = false;
-  }
-  if (s.have && (s.n != n || prev == nullptr)) s.have = false;
+  if (s.have && (s.n != n || prev == nullptr || drift == nullptr || s.k != k)) s.have = false;
+  if (!s.have) yy_make_groups(C, k, v, s);  // a first assignment: groups (and split) from C
 #define SQLLM_VEC_CASE(N) \
   case N:                 \
     return yy_assign_v<N>(X, n, C, s, drift, prev, out, nt);
