@@ -35,7 +35,8 @@ VecKmeansAssign parse_assign(const std::string& s) {
   if (s == "auto") return VecKmeansAssign::Auto;
   if (s == "brute") return VecKmeansAssign::Brute;
   if (s == "pruned") return VecKmeansAssign::Pruned;
-  throw Error(detail::concat("assign must be 'auto', 'brute' or 'pruned', got '", s, "'"));
+  if (s == "yinyang") return VecKmeansAssign::Yinyang;
+  throw Error(detail::concat("assign must be 'auto', 'brute', 'pruned' or 'yinyang', got '", s, "'"));
 }
 
 /// The one place Python arrays become a VqView.
@@ -158,6 +159,8 @@ void init_vq(py::module_& m) {
         d["objective"] = r.objective;
         d["iterations"] = r.iterations;
         d["repaired"] = r.repaired;
+        d["assign_seconds"] = r.assign_seconds;
+        d["seconds"] = r.seconds;
         return d;
       },
       py::arg("points"), py::arg("weights") = py::none(), py::arg("k") = 256, py::arg("iters") = 100,
@@ -166,9 +169,59 @@ void init_vq(py::module_& m) {
       py::arg("assign") = "auto",
       "Weighted k-means of (n, v) float32 points (v = 2..16).  Returns a dict: centroids (k, v),\n"
       "assign (n,) int32, objective (list: after the initial assignment, then each iteration),\n"
-      "iterations, repaired (empty clusters refilled).  assign: 'auto', 'brute' or 'pruned'\n"
-      "(the nearest-centroid search; the same result bit for bit, pruned skips centroids by\n"
-      "the triangle inequality; auto = pruned for k >= 1024 and v <= 6).");
+      "iterations, repaired (empty clusters refilled), assign_seconds (wall time of each\n"
+      "assignment step), seconds (the whole run).  assign: 'auto', 'brute', 'pruned' or\n"
+      "'yinyang' (the nearest-centroid search; the same result bit for bit, pruned skips\n"
+      "centroids by the triangle inequality, yinyang by group bounds carried across\n"
+      "iterations; auto = pruned for k >= 1024 and v <= 6).");
+
+  m.def(
+      "vec_nearest_yinyang",
+      [](const carray<float>& points, const carray<float>& centroid_seq, int num_threads) {
+        check_ndim(points, 2, "points");
+        check_ndim(centroid_seq, 3, "centroid_seq");
+        const int v = static_cast<int>(points.shape(1));
+        SQLLM_CHECK(v >= kVecMinDim && v <= kVecMaxDim, "vector length must be in 2..16, got ", v);
+        SQLLM_CHECK(centroid_seq.shape(2) == points.shape(1), "points and centroids must have the ",
+                    "same vector length, got ", points.shape(1), " and ", centroid_seq.shape(2));
+        const auto n = static_cast<std::size_t>(points.shape(0));
+        const auto m = static_cast<std::size_t>(centroid_seq.shape(0));
+        const auto k = static_cast<std::size_t>(centroid_seq.shape(1));
+        const std::size_t kv = k * static_cast<std::size_t>(v);
+        SQLLM_CHECK(m >= 1 && k >= 1 && n >= 1, "vec_nearest_yinyang needs points, k >= 1 and one "
+                    "centroid set at least");
+        for (std::size_t i = 0; i < n * static_cast<std::size_t>(v); ++i)
+          SQLLM_CHECK(std::isfinite(points.data()[i]) && std::fabs(points.data()[i]) < kVecMaxAbs,
+                      "points must be finite and below 1e12 in magnitude");
+        for (std::size_t i = 0; i < m * kv; ++i)
+          SQLLM_CHECK(std::isfinite(centroid_seq.data()[i]) &&
+                          std::fabs(centroid_seq.data()[i]) < kVecMaxAbs,
+                      "centroids must be finite and below 1e12 in magnitude");
+        carray<std::int32_t> idx({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+        detail::YinyangState s;
+        {
+          py::gil_scoped_release nogil;
+          std::vector<float> drift(k);
+          const int nt = detail::vec_threads(num_threads);
+          std::int32_t* out = idx.mutable_data();
+          for (std::size_t step = 0; step < m; ++step) {
+            const float* C = centroid_seq.data() + step * kv;
+            if (step > 0) detail::vec_centroid_drift(C, C - kv, k, v, drift.data());
+            detail::vec_assign_yinyang(points.data(), n, v, C, k, s, step > 0 ? drift.data() : nullptr,
+                                       step > 0 ? out + (step - 1) * n : nullptr, out + step * n, nt);
+          }
+        }
+        return py::make_tuple(idx, vec_to_numpy(s.lower, {static_cast<py::ssize_t>(n),
+                                                          static_cast<py::ssize_t>(s.G)}),
+                              vec_to_numpy(s.group_of, {static_cast<py::ssize_t>(k)}));
+      },
+      py::arg("points"), py::arg("centroid_seq"), py::arg("num_threads") = 0,
+      "The Yinyang search of vec_kmeans (exposed for tests): centroid_seq (m, k, v) float32 are\n"
+      "the centroids of m successive assignment steps (the first evaluates every centroid,\n"
+      "each later one starts from the previous assignment and the bounds decayed by how far\n"
+      "the centroids moved).  Returns (idx (m, n) int32 -- vec_nearest's result for each\n"
+      "set --, lower (n, G) float32: the last step's bound of each point's distance to\n"
+      "every centroid of group g but its own, group_of (k,) int32).");
 
   m.def(
       "vec_nearest",

@@ -64,6 +64,8 @@ def vec_nearest_guided(points: ArrayLike, centroids: ArrayLike, guess: ArrayLike
                        lower: Optional[ArrayLike] = None, drift: Optional[ArrayLike] = None,
                        num_threads: int = 0
                        ) -> Tuple[NDArray[np.int32], NDArray[np.float32], NDArray[np.float64]]: ...
+def vec_nearest_yinyang(points: ArrayLike, centroid_seq: ArrayLike, num_threads: int = 0
+                        ) -> Tuple[NDArray[np.int32], NDArray[np.float32], NDArray[np.int32]]: ...
 def vptq_quantize(weight: ArrayLike, hessian: ArrayLike, v: int = 8, k: int = 4096,
                   k_res: int = 0, outlier_cols: int = 0, v_out: int = 0, k_out: int = 0,
                   group_num: int = 1, enable_perm: bool = True, enable_norm: bool = False,

@@ -165,6 +165,50 @@ TEST_CASE("pruned nearest-centroid search equals the brute-force kernel, ties in
   }
 }
 
+TEST_CASE("yinyang search equals the brute-force kernel at every step, ties included", "[kmeans_vec]") {
+  std::mt19937_64 rng(78);
+  for (int v : {2, 3, 5, 8, 16}) {
+    for (std::size_t k : {std::size_t{1}, std::size_t{7}, std::size_t{130}, std::size_t{1100}}) {
+      const std::size_t n = 257 + static_cast<std::size_t>(v) * 13, V = static_cast<std::size_t>(v);
+      std::vector<float> X = gaussian(n * V, 30 + static_cast<std::uint64_t>(v) + k);
+      std::vector<float> C = gaussian(k * V, 40 + static_cast<std::uint64_t>(v) + k);
+      const bool ints = v == 3;  // small integers: exact sums, many exact ties, duplicates
+      if (ints)
+        for (auto* a : {&X, &C})
+          for (auto& e : *a) e = std::round(2.0f * e);
+      sqllm::detail::YinyangState s;
+      std::vector<std::int32_t> ib(n), iy(n), prev(n);
+      std::vector<float> C_old, drift(k);
+      for (int step = 0; step < 4; ++step) {
+        if (step > 0) {  // move every centroid a little and one far
+          C_old = C;
+          std::normal_distribution<float> nd(0.0f, 0.1f);
+          for (auto& e : C) e = ints ? e + static_cast<float>(static_cast<int>(rng() % 3) - 1) : e + nd(rng);
+          C[(rng() % k) * V] += 5.0f;
+          sqllm::detail::vec_centroid_drift(C.data(), C_old.data(), k, v, drift.data());
+          prev = iy;
+        }
+        sqllm::vec_nearest(X.data(), n, v, C.data(), k, ib.data(), nullptr, 1);
+        sqllm::detail::vec_assign_yinyang(X.data(), n, v, C.data(), k, s, step > 0 ? drift.data() : nullptr,
+                                          step > 0 ? prev.data() : nullptr, iy.data(), 2);
+        INFO("v=" << v << " k=" << k << " step=" << step);
+        REQUIRE(iy == ib);
+      }
+      for (std::size_t i = 0; i < n; ++i)  // each group bound is below every other member's distance
+        for (std::size_t j = 0; j < k; ++j) {
+          if (static_cast<std::int32_t>(j) == iy[i]) continue;
+          double d = 0.0;
+          for (std::size_t t = 0; t < V; ++t) {
+            const double e = static_cast<double>(X[i * V + t]) - C[j * V + t];
+            d += e * e;
+          }
+          const float l = s.lower[i * s.G + static_cast<std::size_t>(s.group_of[j])];
+          REQUIRE(static_cast<double>(l) <= std::sqrt(d));
+        }
+    }
+  }
+}
+
 TEST_CASE("vptq: feedback beats nearest assignment, residual lowers it again, decode matches", "[vptq]") {
   const std::size_t out = 48, in = 40, rows = 200;
   const auto Xs = gaussian(rows * in, 11);

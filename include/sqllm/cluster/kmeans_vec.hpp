@@ -31,6 +31,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -42,6 +43,7 @@
 
 #include "sqllm/detail/kmeans_vec_kernel.hpp"
 #include "sqllm/detail/kmeans_vec_pruned.hpp"
+#include "sqllm/detail/kmeans_vec_yinyang.hpp"
 #include "sqllm/error.hpp"
 
 #ifdef _OPENMP
@@ -63,8 +65,10 @@ enum class VecKmeansInit { Random, KMeansPlusPlus };
 /// How each assignment step finds the nearest centroids.  Both give the same
 /// assignment bit for bit (ties included); Pruned skips centroids by the
 /// triangle inequality (detail/kmeans_vec_pruned.hpp) after the first assignment,
-/// Auto picks it for k >= kVecPrunedMinK and v <= kVecPrunedMaxDim.
-enum class VecKmeansAssign { Auto, Brute, Pruned };
+/// Auto picks it for k >= kVecPrunedMinK and v <= kVecPrunedMaxDim.  Yinyang carries
+/// per-point group bounds across iterations (detail/kmeans_vec_yinyang.hpp): the same
+/// assignment again, points whose centroid provably stays nearest cost O(groups).
+enum class VecKmeansAssign { Auto, Brute, Pruned, Yinyang };
 
 /// Options of vec_kmeans (documented defaults; no global state).
 struct VecKmeansParams {
@@ -84,6 +88,8 @@ struct VecKmeansResult {
   std::vector<double> objective;  ///< J after the initial assignment, then after each iteration
   int iterations = 0;             ///< Lloyd iterations run
   std::size_t repaired = 0;       ///< empty clusters repaired (all iterations)
+  std::vector<double> assign_seconds;  ///< wall time of each assignment step (first: initial)
+  double seconds = 0.0;           ///< wall time of the whole run (initialisation included)
 };
 
 namespace detail {
@@ -236,6 +242,9 @@ inline VecKmeansResult vec_kmeans(const float* X, std::size_t n, int v, const fl
               p.tol);
   const std::size_t V = static_cast<std::size_t>(v), k = p.k;
   const int nt = detail::vec_threads(p.num_threads);
+  using clock = std::chrono::steady_clock;
+  const auto t_start = clock::now();
+  auto since = [](clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); };
   VecKmeansResult res;
   res.centroids.assign(k * V, 0.0f);
   res.assign.assign(n, 0);
@@ -271,16 +280,25 @@ inline VecKmeansResult vec_kmeans(const float* X, std::size_t n, int v, const fl
   const bool pruned = p.assign == VecKmeansAssign::Pruned ||
                       (p.assign == VecKmeansAssign::Auto && k >= kVecPrunedMinK &&
                        v <= kVecPrunedMaxDim);
+  const bool yinyang = p.assign == VecKmeansAssign::Yinyang;
+  const bool bounded = pruned || yinyang;  // bounds carried across iterations
   detail::GuidedCentroids guided;
+  detail::YinyangState yy;
   std::vector<double> lower(pruned ? n : 0);  // Hamerly bounds of the pruned search
-  std::vector<float> C_old(pruned ? k * V : 0);
+  std::vector<float> C_old(bounded ? k * V : 0);
   // guess: nullptr for the first assignment (no previous one), else the previous
   // assignment; centroid j moved by at most drift[j] since `lower` was written.
-  std::vector<float> drift(pruned ? k : 0);
+  std::vector<float> drift(bounded ? k : 0);
   bool have_lower = false;
   auto assign_step = [&](const std::int32_t* guess) {
-    // The first assignment has no guess: brute force (a guess from pivots measured slower).
-    if (pruned && guess != nullptr) {
+    const auto t0 = clock::now();
+    if (yinyang) {
+      detail::vec_assign_yinyang(X, n, v, C, k, yy, have_lower ? drift.data() : nullptr, guess,
+                                 res.assign.data(), nt);
+      have_lower = true;
+      std::copy(C, C + k * V, C_old.begin());
+    } else if (pruned && guess != nullptr) {
+      // The first assignment has no guess: brute force (a guess from pivots measured slower).
       detail::vec_prepare_guided(C, k, v, guided);
       detail::vec_assign_guided(X, n, v, guided, guess, res.assign.data(), dist.data(), nt,
                                 lower.data(), have_lower ? drift.data() : nullptr);
@@ -290,10 +308,14 @@ inline VecKmeansResult vec_kmeans(const float* X, std::size_t n, int v, const fl
       detail::vec_tile_centroids(C, k, v, tiles);
       detail::vec_nearest_tiled(X, n, v, tiles.data(), k, res.assign.data(), dist.data(), nt);
     }
+    res.assign_seconds.push_back(since(t0));
     return detail::vec_objective(X, n, v, weights, C, res.assign.data(), per_point, nt);
   };
   res.objective.push_back(assign_step(nullptr));
-  if (n <= k && p.init_centroids == nullptr) return res;
+  if (n <= k && p.init_centroids == nullptr) {
+    res.seconds = since(t_start);
+    return res;
+  }
 
   for (int it = 0; it < p.iters; ++it) {
     // Update: counting sort by cluster, then each cluster's weighted mean in index order.
@@ -338,18 +360,8 @@ inline VecKmeansResult vec_kmeans(const float* X, std::size_t n, int v, const fl
         std::copy(X + ids[e] * V, X + ids[e] * V + V, C + empties[e] * V);
       res.repaired += m;
     }
-    if (pruned && have_lower)  // how far each centroid moved (upper bounds), for the pruned filter
-      for (std::size_t j = 0; j < k; ++j) {
-        double d2 = 0.0;
-        for (std::size_t t = 0; t < V; ++t) {
-          const double e = static_cast<double>(C[j * V + t]) - static_cast<double>(C_old[j * V + t]);
-          d2 += e * e;
-        }
-        const double up = std::sqrt(d2) * (1.0 + 1e-12);
-        float f = static_cast<float>(up);
-        if (static_cast<double>(f) < up) f = std::nextafter(f, std::numeric_limits<float>::infinity());
-        drift[j] = f;
-      }
+    if (bounded && have_lower)  // how far each centroid moved (upper bounds), for the bound filters
+      detail::vec_centroid_drift(C, C_old.data(), k, v, drift.data());
     std::copy(res.assign.begin(), res.assign.end(), prev.begin());
     const double before = res.objective.back();
     const double J = assign_step(prev.data());
@@ -360,6 +372,7 @@ inline VecKmeansResult vec_kmeans(const float* X, std::size_t n, int v, const fl
     if (before > 0.0 && (before - J) <= p.tol * before) break;
     if (!(J > 0.0)) break;
   }
+  res.seconds = since(t_start);
   return res;
 }
 
