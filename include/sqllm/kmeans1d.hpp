@@ -4,9 +4,12 @@
 // the Fisher information), find k centroids c (ascending) minimising the
 // weighted SSE  sum_i w_i (x_i - c_{label_i})^2  with label_i the nearest
 // centroid.  Both methods first sort x (LSD radix sort on the IEEE bit
-// patterns) and merge duplicates into m distinct weighted values with prefix
-// sums of w, w*d, w*d^2 (d = v - median: a central origin keeps the cluster
-// cost S2 - S1^2/W free of cancellation); all arithmetic is in double.
+// patterns; float items carry their weight along) and merge duplicates into
+// m distinct weighted values with prefix sums of w, w*d, w*d^2 (d = v -
+// median: a central origin keeps the cluster cost S2 - S1^2/W free of
+// cancellation); all arithmetic is in double.  The labels come last, straight
+// from x: the first value of each cluster is a threshold, and a label is the
+// number of thresholds <= x (no scatter through the sort order).
 //
 //  * Exact  -- the globally optimal clustering, Ckmeans.1d.dp style: a
 //    dynamic program over contiguous partitions with the divide-and-conquer
@@ -20,10 +23,12 @@
 //    where an optimal quantiser puts many centroids: tails, heavy points); the
 //    exact DP on the bin boundaries gives the start (its cost differs from the
 //    full cost by a constant, so it is the optimal partition whose cuts are bin
-//    boundaries).  Lloyd iterations on the full sorted data follow, O(k log m)
-//    each (boundaries are midpoints found by binary search, means come from
-//    the prefix sums), then a polish: the exact DP with every cut confined to a
-//    window of half a bin around its current place, and Lloyd again.  The
+//    boundaries).  Lloyd iterations on the full sorted data follow, O(k log d)
+//    each (boundaries are midpoints found by galloping from where they were,
+//    d the distance moved; means come from the prefix sums), then a polish:
+//    the exact DP with every cut confined to a window of half a bin around
+//    its current place, coarse to fine (every s-th position of the window,
+//    then every position within s of the new cut, ...), and Lloyd again.  The
 //    objective never increases.  Lloyd stops when the assignment repeats,
 //    after max_iter iterations, or when an iteration gains <= tol (relative).
 //
@@ -123,6 +128,8 @@ constexpr std::size_t kKMeansCoarseWork = std::size_t(1) << 16;
 constexpr std::size_t kKMeansMaxCoarseWork = std::size_t(1) << 21;
 /// Lloyd: at most this many (windowed DP polish + Lloyd) rounds after the first Lloyd run.
 constexpr int kKMeansPolishRounds = 2;
+/// Lloyd polish: candidate cuts on each side of a cut per coarse-to-fine step.
+constexpr std::size_t kKMeansPolishSide = 8;
 
 /// "[i]" for a single row, "[row r, col i]" inside kmeans1d_rows.
 inline std::string kmeans_where(std::int64_t row, std::size_t i) {
@@ -134,20 +141,22 @@ inline std::string kmeans_where(std::int64_t row, std::size_t i) {
 template <class T>
 struct RadixItems;
 
-/// float: the 32-bit order-preserving key in the high half, the index in the low.
+/// float: the 32-bit order-preserving key in the high half, a 32-bit payload
+/// in the low (the bits of the value's weight: the sort carries the weights
+/// along, so the merge reads them in order instead of gathering w[index]).
 template <>
 struct RadixItems<float> {
   using Item = std::uint64_t;
   using Key = std::uint32_t;
   static constexpr int kKeyBits = 32;
-  static Item make(float f, std::uint32_t idx) {
+  static Item make(float f, std::uint32_t payload) {
     std::uint32_t u;
     std::memcpy(&u, &f, sizeof u);
     u ^= static_cast<std::uint32_t>(-static_cast<std::int32_t>(u >> 31)) | 0x80000000u;
-    return (static_cast<Item>(u) << 32) | idx;
+    return (static_cast<Item>(u) << 32) | payload;
   }
   static Key key(Item it) { return static_cast<Key>(it >> 32); }
-  static std::uint32_t index(Item it) { return static_cast<std::uint32_t>(it); }
+  static std::uint32_t payload(Item it) { return static_cast<std::uint32_t>(it); }
   static double value(Item it) {
     std::uint32_t u = key(it);
     u ^= ((u >> 31) - 1u) | 0x80000000u;  // undo make()
@@ -158,7 +167,8 @@ struct RadixItems<float> {
   static bool less(Item a, Item b) { return a < b; }
 };
 
-/// double: 64-bit order-preserving key and the index.
+/// double: 64-bit order-preserving key and a 32-bit payload (the index: the
+/// merge reads the weight w[index]).
 template <>
 struct RadixItems<double> {
   struct Item {
@@ -167,14 +177,14 @@ struct RadixItems<double> {
   };
   using Key = std::uint64_t;
   static constexpr int kKeyBits = 64;
-  static Item make(double f, std::uint32_t idx) {
+  static Item make(double f, std::uint32_t payload) {
     std::uint64_t u;
     std::memcpy(&u, &f, sizeof u);
     u ^= static_cast<std::uint64_t>(-static_cast<std::int64_t>(u >> 63)) | 0x8000000000000000ull;
-    return Item{u, idx};
+    return Item{u, payload};
   }
   static Key key(const Item& it) { return it.key; }
-  static std::uint32_t index(const Item& it) { return it.idx; }
+  static std::uint32_t payload(const Item& it) { return it.idx; }
   static double value(const Item& it) {
     std::uint64_t u = it.key;
     u ^= ((u >> 63) - 1u) | 0x8000000000000000ull;
@@ -200,17 +210,18 @@ int bit_width(Key v) {
   return b;
 }
 
-/// Sort x[0..n) (finite, with minimum xmin and maximum xmax) into (key, index)
-/// items; a and b are buffers of n items, hist has kRadixHistSize counters.
+/// Sort x[0..n) (finite, with minimum xmin and maximum xmax) into (key,
+/// payload) items, payload(i) the 32-bit payload of x[i]; a and b are buffers
+/// of n items, hist has kRadixHistSize counters.
 /// LSD radix sort with BITS-bit digits of r = (key - key(xmin)) >> low, low
 /// chosen so that PASSES digits cover r; then an insertion pass puts items
 /// equal in r (equal in the sign, the exponent and 12+ mantissa bits) in
-/// order; if that would move too much, std::sort finishes.  Returns the array
-/// holding the result.
-template <class Traits, int BITS, int PASSES, class T>
+/// order (by the whole item: key, then payload); if that would move too
+/// much, std::sort finishes.  Returns the array holding the result.
+template <class Traits, int BITS, int PASSES, class T, class Payload>
 typename Traits::Item* radix_sort_range(const T* x, std::size_t n, T xmin, T xmax,
                                         typename Traits::Item* a, typename Traits::Item* b,
-                                        std::uint32_t* hist) {
+                                        std::uint32_t* hist, Payload payload) {
   using Item = typename Traits::Item;
   using Key = typename Traits::Key;
   static_assert((std::size_t(PASSES) << BITS) <= kRadixHistSize, "radix_sort_range");
@@ -241,7 +252,7 @@ typename Traits::Item* radix_sort_range(const T* x, std::size_t n, T xmin, T xma
     if (single && src != nullptr) continue;  // one digit value: already in order
     if (src == nullptr) {
       for (std::size_t i = 0; i < n; ++i) {
-        const Item it = Traits::make(x[i], static_cast<std::uint32_t>(i));
+        const Item it = Traits::make(x[i], payload(i));
         dst[h[((Traits::key(it) - kmin) >> shift) & kMask]++] = it;
       }
     } else {
@@ -274,22 +285,22 @@ typename Traits::Item* radix_sort_range(const T* x, std::size_t n, T xmin, T xma
   return out;
 }
 
-/// Sorted (key, index) items of x[0..n): std::sort for tiny n, else
+/// Sorted (key, payload) items of x[0..n): std::sort for tiny n, else
 /// radix_sort_range with 8-bit (n < 2048) or 11-bit digits covering 22-24
 /// (float) or 40-44 (double) bits of the key range.
-template <class Traits, class T>
+template <class Traits, class T, class Payload>
 typename Traits::Item* radix_sort(const T* x, std::size_t n, T xmin, T xmax,
                                   typename Traits::Item* a, typename Traits::Item* b,
-                                  std::uint32_t* hist) {
+                                  std::uint32_t* hist, Payload payload) {
   using Item = typename Traits::Item;
   constexpr bool kWide = Traits::kKeyBits == 64;
   if (n < 96) {
-    for (std::size_t i = 0; i < n; ++i) a[i] = Traits::make(x[i], static_cast<std::uint32_t>(i));
+    for (std::size_t i = 0; i < n; ++i) a[i] = Traits::make(x[i], payload(i));
     std::sort(a, a + n, [](const Item& u, const Item& v) { return Traits::less(u, v); });
     return a;
   }
-  if (n < 2048) return radix_sort_range<Traits, 8, kWide ? 5 : 3>(x, n, xmin, xmax, a, b, hist);
-  return radix_sort_range<Traits, 11, kWide ? 4 : 2>(x, n, xmin, xmax, a, b, hist);
+  if (n < 2048) return radix_sort_range<Traits, 8, kWide ? 5 : 3>(x, n, xmin, xmax, a, b, hist, payload);
+  return radix_sort_range<Traits, 11, kWide ? 4 : 2>(x, n, xmin, xmax, a, b, hist, payload);
 }
 
 /// Minimum and maximum of x[0..n) (n >= 1); returns false if some value is
@@ -568,6 +579,31 @@ inline std::size_t dp_scan(const double* D, const double* Q0, const double* Q1, 
   return dp_scan_sse2(D, Q0, Q1, Q2, q0, q1, q2, lo, hi, min_out);
 }
 
+/// std::upper_bound(v + lo, v + m, x) - v (the first g in [lo, m) with
+/// x < v[g], else m) for ascending v, found by galloping from hint (lo <=
+/// hint <= m): O(log d) comparisons for an answer d away from the hint.
+inline std::size_t upper_bound_from(const double* v, std::size_t lo, std::size_t m,
+                                    std::size_t hint, double x) {
+  if (hint < m && !(x < v[hint])) {  // v[hint] <= x: the answer is above hint
+    std::size_t a = hint, step = 1;   // v[a] <= x
+    while (true) {
+      if (m - a <= step) return static_cast<std::size_t>(std::upper_bound(v + a + 1, v + m, x) - v);
+      const std::size_t b = a + step;
+      if (x < v[b]) return static_cast<std::size_t>(std::upper_bound(v + a + 1, v + b, x) - v);
+      a = b;
+      step *= 2;
+    }
+  }
+  std::size_t b = hint, step = 1;  // the answer is <= b (b == m or x < v[b])
+  while (true) {
+    if (b - lo <= step) return static_cast<std::size_t>(std::upper_bound(v + lo, v + b, x) - v);
+    const std::size_t a = b - step;
+    if (!(x < v[a])) return static_cast<std::size_t>(std::upper_bound(v + a + 1, v + b, x) - v);
+    b = a;
+    step *= 2;
+  }
+}
+
 }  // namespace detail
 
 /// Reusable weighted 1-D k-means solver (T = float or double input; math in
@@ -614,8 +650,19 @@ class KMeans1D {
     return (Q2[j] - Q2[i]) - s1 * s1 / (W > 0 ? W : 1.0);  // as detail::dp_scan
   }
   double centroid(std::size_t a, std::size_t b) const;
+  /// The weight of a sorted item: its payload's bits (float) or w[payload] (double).
+  static double item_weight(const Item& it, const T* w) {
+    const std::uint32_t u = Radix::payload(it);
+    if (std::is_same<T, float>::value) {
+      float f;
+      std::memcpy(&f, &u, sizeof f);
+      return static_cast<double>(f);
+    }
+    return static_cast<double>(w[u]);
+  }
   bool validate(const T* x, const T* w, std::size_t n, std::int64_t row);
   void sort_and_merge(const T* x, const T* w, std::size_t n, bool use_w);
+  void prefix_sums(double mu);
   void dp_partition(const double* Q0, const double* Q1, const double* Q2, std::size_t B,
                     std::size_t k);
   void dp_layer(const double* Q0, const double* Q1, const double* Q2, std::size_t q,
@@ -624,12 +671,13 @@ class KMeans1D {
   std::size_t greedy_bins(double tau, std::size_t maxlen);
   void init_lloyd(std::size_t k);
   void run_lloyd(std::size_t k, const KMeans1DParams& p, int* budget);
-  void window_layer(std::size_t t, std::size_t jlo, std::size_t jhi, std::size_t ilo,
-                    std::size_t ihi);
+  void window_layer(std::size_t jlo, std::size_t jhi, std::size_t ilo, std::size_t ihi);
   bool polish(std::size_t k);
   void refine(std::size_t k, const KMeans1DParams& p);
   template <class Label>
-  double finish(std::size_t k, T* centroids, Label* labels);
+  double finish(std::size_t k, const T* x, std::size_t n, T* centroids, Label* labels);
+  template <class Label>
+  void label_values(const T* x, std::size_t n, std::size_t k, Label* labels);
 
   // sorted, merged data (m_ distinct values)
   std::vector<Item> items_, items_tmp_;
@@ -646,12 +694,15 @@ class KMeans1D {
   std::vector<double> c_, cs_;                     // centroids (double; rounded to T)
   std::vector<std::uint32_t> s_, sprev_;           // cluster boundaries in distinct index
   std::vector<std::uint32_t> pos_;                 // coarse bin boundaries
-  std::vector<std::uint32_t> wlo_, whi_, joff_;    // polish windows of the cuts
+  std::vector<std::uint32_t> rad_, str_;           // polish: window radius and stride per cut
+  std::vector<std::uint32_t> cand_, coff_, lim_;   // polish candidates, window t's, last below
+  std::vector<double> G0_, G1_, G2_, Dg_;          // prefix sums at the candidates, their DP row
   bool have_bins_ = false;                         // init_lloyd used coarse bins pos_
   std::vector<double> Q0_, Q1_, Q2_;               // prefix sums at bin boundaries
   std::vector<double> Dprev_, Dcur_;               // DP rows
   std::vector<std::uint32_t> J_, cuts_;            // DP split indices, optimal cuts
   std::vector<std::uint32_t> bnd_;                 // values of label t: [bnd_[t], bnd_[t+1])
+  std::vector<T> thr_;                             // first value of each label (labelling)
   struct Segment {                                 // a divide-and-conquer step of a DP layer
     std::uint32_t jlo, jhi, ilo, ihi;
   };
@@ -713,8 +764,23 @@ void KMeans1D<T>::sort_and_merge(const T* x, const T* w, std::size_t n, bool use
   items_.resize(n);
   items_tmp_.resize(n);
   hist_.resize(detail::kRadixHistSize);
-  sorted_ = detail::radix_sort<Radix>(x, n, xmin_, xmax_, items_.data(), items_tmp_.data(),
-                                      hist_.data());
+  // float items carry the weight's bits (0 without weights), double items the index
+  constexpr bool kCarryWeight = std::is_same<T, float>::value;
+  if (kCarryWeight && use_w) {
+    sorted_ = detail::radix_sort<Radix>(x, n, xmin_, xmax_, items_.data(), items_tmp_.data(),
+                                        hist_.data(), [w](std::size_t i) {
+                                          std::uint32_t u;
+                                          std::memcpy(&u, w + i, sizeof u);
+                                          return u;
+                                        });
+  } else if (kCarryWeight) {
+    sorted_ = detail::radix_sort<Radix>(x, n, xmin_, xmax_, items_.data(), items_tmp_.data(),
+                                        hist_.data(), [](std::size_t) { return std::uint32_t(0); });
+  } else {
+    sorted_ = detail::radix_sort<Radix>(x, n, xmin_, xmax_, items_.data(), items_tmp_.data(),
+                                        hist_.data(),
+                                        [](std::size_t i) { return static_cast<std::uint32_t>(i); });
+  }
 
   mu_ = Radix::value(sorted_[n / 2]);
   const double mu = mu_;
@@ -724,8 +790,7 @@ void KMeans1D<T>::sort_and_merge(const T* x, const T* w, std::size_t n, bool use
   P0_.resize(n + 1);
   P1_.resize(n + 1);
   P2_.resize(n + 1);
-  P0_[0] = P1_[0] = P2_[0] = 0;
-  double p0 = 0, p1 = 0, p2 = 0;  // running prefix sums
+  // distinct values and their summed weights (-0.0 and +0.0 compare equal and merge)
   double prev = Radix::value(sorted_[0]), gw = 0;
   std::size_t m = 0;
   gstart_[0] = 0;
@@ -733,31 +798,71 @@ void KMeans1D<T>::sort_and_merge(const T* x, const T* w, std::size_t n, bool use
   for (std::size_t j = 0; j < n; ++j) {
     const auto& it = sorted_[j];
     const double xv = Radix::value(it);
-    if (xv != prev) {  // close value m (-0.0 and +0.0 compare equal and merge)
-      const double d = prev - mu, wd = gw * d;
+    if (xv != prev) {  // close value m
       W_[m] = gw;
-      p0 += gw;
-      p1 += wd;
-      p2 += wd * d;
       ++m;
-      P0_[m] = p0;
-      P1_[m] = p1;
-      P2_[m] = p2;
       gstart_[m] = static_cast<std::uint32_t>(j);
       v_[m] = xv;
       prev = xv;
       gw = 0;
     }
-    gw += use_w ? static_cast<double>(w[Radix::index(it)]) : 1.0;
+    gw += use_w ? item_weight(it, w) : 1.0;
   }
-  const double d = prev - mu, wd = gw * d;
   W_[m] = gw;
   ++m;
-  P0_[m] = p0 + gw;
-  P1_[m] = p1 + wd;
-  P2_[m] = p2 + wd * d;
   gstart_[m] = static_cast<std::uint32_t>(n);
   m_ = m;
+  prefix_sums(mu);
+}
+
+// P0_, P1_, P2_[0..m_] = prefix sums of W, W d, W d^2 (d = v - mu), four
+// values at a time: the running sum advances once per four (a sequential sum
+// waits on the add latency at every value); the three inner prefixes come
+// from partial sums of the four.  Adding an exact zero changes nothing, so a
+// run of zero-weight values has equal prefix sums at both ends (its S0, S1,
+// S2 are exactly 0), as with a sequential sum.
+template <class T>
+void KMeans1D<T>::prefix_sums(double mu) {
+  const std::size_t m = m_;
+  const double *v = v_.data(), *W = W_.data();
+  double *Q0 = P0_.data(), *Q1 = P1_.data(), *Q2 = P2_.data();
+  Q0[0] = Q1[0] = Q2[0] = 0;
+  double p0 = 0, p1 = 0, p2 = 0;
+  std::size_t g = 0;
+  for (; g + 4 <= m; g += 4) {
+    double a[4], b[4], c[4];
+    for (std::size_t u = 0; u < 4; ++u) {
+      const double d = v[g + u] - mu;
+      a[u] = W[g + u];
+      b[u] = a[u] * d;
+      c[u] = b[u] * d;
+    }
+    const double a01 = a[0] + a[1], b01 = b[0] + b[1], c01 = c[0] + c[1];
+    Q0[g + 1] = p0 + a[0];
+    Q1[g + 1] = p1 + b[0];
+    Q2[g + 1] = p2 + c[0];
+    Q0[g + 2] = p0 + a01;
+    Q1[g + 2] = p1 + b01;
+    Q2[g + 2] = p2 + c01;
+    Q0[g + 3] = p0 + (a01 + a[2]);
+    Q1[g + 3] = p1 + (b01 + b[2]);
+    Q2[g + 3] = p2 + (c01 + c[2]);
+    p0 += a01 + (a[2] + a[3]);
+    p1 += b01 + (b[2] + b[3]);
+    p2 += c01 + (c[2] + c[3]);
+    Q0[g + 4] = p0;
+    Q1[g + 4] = p1;
+    Q2[g + 4] = p2;
+  }
+  for (; g < m; ++g) {
+    const double d = v[g] - mu, wd = W[g] * d;
+    p0 += W[g];
+    p1 += wd;
+    p2 += wd * d;
+    Q0[g + 1] = p0;
+    Q1[g + 1] = p1;
+    Q2[g + 1] = p2;
+  }
 }
 
 // One DP layer q (2 <= q < k) by divide and conquer: D_q[j] for j in [jlo, jhi],
@@ -825,8 +930,10 @@ void KMeans1D<T>::dp_partition(const double* Q0, const double* Q1, const double*
 
 // Greedy bins over the distinct values: each bin is the longest run from its
 // start whose weighted SSE (from the prefix sums) is <= tau, of at most maxlen
-// values; found by galloping + binary search, O(bins * log(m / bins)).
-// Writes pos_; returns the number of bins.
+// values.  The SSE of a run grows with its end, so a linear scan finds the
+// first end that fails; it tests eight ends at a time without a branch or a
+// division (SSE <= tau as S2 W - S1^2 <= tau W), O(m) in all.  Writes pos_;
+// returns the number of bins.
 template <class T>
 std::size_t KMeans1D<T>::greedy_bins(double tau, std::size_t maxlen) {
   const std::size_t m = m_;
@@ -836,24 +943,26 @@ std::size_t KMeans1D<T>::greedy_bins(double tau, std::size_t maxlen) {
   std::size_t a = 0;
   while (a < m) {
     const std::size_t lim = std::min(m, a + maxlen);
-    std::size_t good = a + 1, bad = lim + 1;  // cost(a, good) <= tau < cost(a, bad)
-    for (std::size_t step = 1; good < lim;) {
-      const std::size_t b = std::min(lim, good + step);
-      if (cost(Q0, Q1, Q2, a, b) <= tau) {
-        good = b;
-        step *= 2;
-      } else {
-        bad = b;
+    const double q0 = Q0[a], q1 = Q1[a], q2 = Q2[a];
+    std::size_t good = a + 1;  // one value always fits
+    for (std::size_t b = a + 2; b <= lim;) {
+      const std::size_t cnt = std::min<std::size_t>(8, lim + 1 - b);
+      unsigned fail = 0;
+      for (std::size_t u = 0; u < cnt; ++u) {
+        const double W = Q0[b + u] - q0, s1 = Q1[b + u] - q1, s2 = Q2[b + u] - q2;
+        fail |= static_cast<unsigned>(s2 * W - s1 * s1 > tau * W) << u;
+      }
+      if (fail != 0) {
+        std::size_t first = 0;  // the first end that fails
+        while ((fail & 1u) == 0) {
+          fail >>= 1;
+          ++first;
+        }
+        good = b + first - 1;
         break;
       }
-    }
-    while (bad - good > 1) {
-      const std::size_t b = good + (bad - good) / 2;
-      if (cost(Q0, Q1, Q2, a, b) <= tau) {
-        good = b;
-      } else {
-        bad = b;
-      }
+      good = b + cnt - 1;
+      b += cnt;
     }
     pos_.push_back(static_cast<std::uint32_t>(good));
     a = good;
@@ -929,12 +1038,15 @@ void KMeans1D<T>::run_lloyd(std::size_t k, const KMeans1DParams& p, int* budget)
   sprev_ = s_;
   double prev_sse = std::numeric_limits<double>::infinity();
   while (*budget > 0) {
-    // assignment: values <= midpoint go to the lower centroid
+    // assignment: values <= midpoint go to the lower centroid; each boundary
+    // is searched from where it was (it moves little between iterations)
     s_[0] = 0;
     s_[k] = static_cast<std::uint32_t>(m);
     for (std::size_t t = 1; t < k; ++t) {
       const double mid = 0.5 * (c_[t - 1] + c_[t]);
-      s_[t] = static_cast<std::uint32_t>(std::upper_bound(v + s_[t - 1], v + m, mid) - v);
+      const std::size_t lo = s_[t - 1];
+      const std::size_t hint = std::min<std::size_t>(std::max<std::size_t>(sprev_[t], lo), m);
+      s_[t] = static_cast<std::uint32_t>(detail::upper_bound_from(v, lo, m, hint, mid));
     }
     if (s_ == sprev_) break;  // same assignment: the means are a fixed point
     --*budget;
@@ -956,18 +1068,17 @@ void KMeans1D<T>::run_lloyd(std::size_t k, const KMeans1DParams& p, int* budget)
   }
 }
 
-// One layer t of the windowed DP, by divide and conquer: for cuts j in
-// [jlo, jhi] (a part of window t) the best previous cut in [ilo, ihi] (window
-// t-1, below j).  Dprev_/Dcur_ are indexed by the cut; J_ from joff_[t].
-// Breadth first, as dp_layer.
+// One layer t >= 2 of the windowed DP over candidate cuts, by divide and
+// conquer (breadth first, as dp_layer): for the candidates j in [jlo, jhi] of
+// window t (global candidate indices) the best previous cut among the
+// candidates [ilo, ihi] of window t-1 that lie below j (at most lim_[j]).
+// Dg_ and J_ are indexed by global candidate index; window t-1's D values are
+// read and window t's written, disjoint ranges of Dg_.
 template <class T>
-void KMeans1D<T>::window_layer(std::size_t t, std::size_t jlo, std::size_t jhi, std::size_t ilo,
-                               std::size_t ihi) {
-  const double *Q0 = P0_.data(), *Q1 = P1_.data(), *Q2 = P2_.data();
-  const double* Dp = Dprev_.data();
-  double* Dc = Dcur_.data();
-  std::uint32_t* Jt = J_.data() + joff_[t];
-  const std::size_t base = wlo_[t];
+void KMeans1D<T>::window_layer(std::size_t jlo, std::size_t jhi, std::size_t ilo, std::size_t ihi) {
+  const double *G0 = G0_.data(), *G1 = G1_.data(), *G2 = G2_.data();
+  double* D = Dg_.data();
+  std::uint32_t* J = J_.data();
   seg_.clear();
   seg_.push_back({static_cast<std::uint32_t>(jlo), static_cast<std::uint32_t>(jhi),
                   static_cast<std::uint32_t>(ilo), static_cast<std::uint32_t>(ihi)});
@@ -975,12 +1086,12 @@ void KMeans1D<T>::window_layer(std::size_t t, std::size_t jlo, std::size_t jhi, 
     seg_next_.clear();
     for (const Segment& g : seg_) {
       const std::size_t j = g.jlo + (g.jhi - g.jlo) / 2;
-      const std::size_t hi = std::min<std::size_t>(g.ihi, j - 1);
-      double best;
-      const std::size_t arg =
-          detail::dp_scan(Dp, Q0, Q1, Q2, Q0[j], Q1[j], Q2[j], g.ilo, hi, &best);
-      Dc[j] = best;
-      Jt[j - base] = static_cast<std::uint32_t>(arg);
+      const std::size_t hi = std::min<std::size_t>(g.ihi, lim_[j]);
+      double best = std::numeric_limits<double>::infinity();
+      std::size_t arg = g.ilo;
+      if (hi >= g.ilo) arg = detail::dp_scan(D, G0, G1, G2, G0[j], G1[j], G2[j], g.ilo, hi, &best);
+      D[j] = best;
+      J[j] = static_cast<std::uint32_t>(arg);
       const auto a = static_cast<std::uint32_t>(arg), uj = static_cast<std::uint32_t>(j);
       if (j > g.jlo) seg_next_.push_back({g.jlo, uj - 1, g.ilo, a});
       if (j < g.jhi) seg_next_.push_back({uj + 1, g.jhi, a, g.ihi});
@@ -989,67 +1100,103 @@ void KMeans1D<T>::window_layer(std::size_t t, std::size_t jlo, std::size_t jhi, 
   }
 }
 
-// The optimal partition whose cut t (t = 1..k-1) lies in [wlo_[t], whi_[t]]:
-// the exact DP restricted to these windows.  The windows must contain the
-// current cuts s_ (non-empty clusters), so the SSE cannot increase.  Updates
-// s_; returns whether it changed.
+// The optimal partition whose cut t (t = 1..k-1) is one of the candidates
+// s_[t] + u * str_[t] (u integer) inside [s_[t] - rad_[t], s_[t] + rad_[t]]:
+// the exact DP over these candidates (stride 1: over the whole window).  The
+// current cuts s_ (non-empty clusters) are candidates, so the SSE cannot
+// increase.  Updates s_; returns whether it changed.
 template <class T>
 bool KMeans1D<T>::polish(std::size_t k) {
   const std::size_t m = m_;
   if (k < 2) return false;
-  wlo_[0] = whi_[0] = 0;
-  wlo_[k] = whi_[k] = static_cast<std::uint32_t>(m);
-  for (std::size_t t = 1; t < k; ++t) {  // cut t > cut t-1; later clusters non-empty
-    wlo_[t] = std::max(wlo_[t], wlo_[t - 1] + 1);
-    whi_[t] = std::min(whi_[t], static_cast<std::uint32_t>(m - (k - t)));
+  cand_.clear();
+  coff_.resize(k + 2);
+  coff_[1] = 0;
+  std::size_t prev_first = 0;  // the lowest candidate of window t-1 (window 0 is the cut 0)
+  for (std::size_t t = 1; t < k; ++t) {
+    const std::size_t c = s_[t], st = str_[t], r = rad_[t];
+    // cut t > the lowest cut t-1 (so every candidate has a predecessor) and
+    // leaves k - t values for the clusters above it
+    const std::size_t lo = std::max(c > r ? c - r : 0, prev_first + 1);
+    const std::size_t hi = std::min(c + r, m - (k - t));
+    const std::size_t first = c - (c - lo) / st * st;
+    for (std::size_t q = first; q <= hi; q += st) cand_.push_back(static_cast<std::uint32_t>(q));
+    coff_[t + 1] = static_cast<std::uint32_t>(cand_.size());
+    prev_first = first;
   }
-  joff_.resize(k + 2);
-  joff_[1] = 0;
-  for (std::size_t t = 1; t <= k; ++t) joff_[t + 1] = joff_[t] + (whi_[t] - wlo_[t] + 1);
-  Dprev_.resize(m + 1);
-  Dcur_.resize(m + 1);
-  J_.resize(joff_[k + 1]);
-  for (std::size_t c = wlo_[1]; c <= whi_[1]; ++c) Dprev_[c] = cost(P0_.data(), P1_.data(), P2_.data(), 0, c);
+  cand_.push_back(static_cast<std::uint32_t>(m));  // window k: the end
+  coff_[k + 1] = static_cast<std::uint32_t>(cand_.size());
+  const std::size_t total = cand_.size();
+  G0_.resize(total);
+  G1_.resize(total);
+  G2_.resize(total);
+  for (std::size_t u = 0; u < total; ++u) {
+    G0_[u] = P0_[cand_[u]];
+    G1_[u] = P1_[cand_[u]];
+    G2_[u] = P2_[cand_[u]];
+  }
+  // lim_[j]: the last candidate of window t-1 below candidate j of window t
+  lim_.resize(total);
   for (std::size_t t = 2; t <= k; ++t) {
-    window_layer(t, wlo_[t], whi_[t], wlo_[t - 1], whi_[t - 1]);
-    std::swap(Dprev_, Dcur_);
+    std::size_t i = coff_[t - 1];
+    const std::size_t iend = coff_[t];
+    for (std::size_t j = coff_[t]; j < coff_[t + 1]; ++j) {
+      while (i < iend && cand_[i] < cand_[j]) ++i;
+      lim_[j] = static_cast<std::uint32_t>(i - 1);  // i > coff_[t-1]: see lo above
+    }
   }
+  Dg_.resize(total);
+  J_.resize(total);
+  for (std::size_t u = coff_[1]; u < coff_[2]; ++u) Dg_[u] = cost(P0_.data(), P1_.data(), P2_.data(), 0, cand_[u]);
+  for (std::size_t t = 2; t <= k; ++t) window_layer(coff_[t], coff_[t + 1] - 1, coff_[t - 1], coff_[t] - 1);
   bool changed = false;
-  std::size_t c = m;
+  std::size_t c = coff_[k];
   for (std::size_t t = k; t >= 2; --t) {
-    c = J_[joff_[t] + (c - wlo_[t])];
-    changed |= c != s_[t - 1];
-    s_[t - 1] = static_cast<std::uint32_t>(c);
+    c = J_[c];
+    changed |= cand_[c] != s_[t - 1];
+    s_[t - 1] = cand_[c];
   }
   return changed;
 }
 
 // Lloyd iterations from the initialisation; then, when the start came from
-// coarse bins, polish rounds: the exact DP with each cut free to move by half
-// the length of the bin it lies in (this repairs most of what the coarse cuts
-// cost: measured ~0.3% -> ~0.01% above the optimum on LLM-like rows with
-// k <= 16), then Lloyd again, while the polish changes something.  max_iter
-// bounds the Lloyd iterations; 0 returns the initialisation unpolished.
+// coarse bins, polish rounds, then Lloyd again, while the polish changes
+// something.  A round lets each cut move by half the length of the bin it
+// lies in (this repairs most of what the coarse cuts cost: ~0.3% -> ~0.01%
+// above the optimum on LLM-like rows with k <= 16), coarse to fine: the DP
+// over every str-th position of the window (about kKMeansPolishSide
+// candidates each side of the cut), then over every position within str of
+// the new cut, with str shrinking until it is 1.  max_iter bounds the Lloyd
+// iterations; 0 returns the initialisation unpolished.
 template <class T>
 void KMeans1D<T>::refine(std::size_t k, const KMeans1DParams& p) {
   int budget = p.max_iter;
   iters_ = 0;
   run_lloyd(k, p, &budget);
   if (!have_bins_) return;
+  constexpr std::size_t kSide = detail::kKMeansPolishSide;
   for (int round = 0; round < detail::kKMeansPolishRounds && budget > 0; ++round) {
     for (std::size_t t = 0; t < k; ++t) {
       if (s_[t] >= s_[t + 1]) return;  // an empty cluster: the windowed DP needs none
     }
-    wlo_.resize(k + 1);
-    whi_.resize(k + 1);
+    rad_.assign(k + 1, 0);
+    str_.assign(k + 1, 1);
     for (std::size_t t = 1; t < k; ++t) {
       const std::size_t b =
           static_cast<std::size_t>(std::upper_bound(pos_.begin(), pos_.end(), s_[t]) - pos_.begin()) - 1;
-      const std::size_t r = std::max<std::size_t>(2, (pos_[b + 1] - pos_[b]) / 2);
-      wlo_[t] = static_cast<std::uint32_t>(s_[t] > r ? s_[t] - r : 0);
-      whi_[t] = static_cast<std::uint32_t>(s_[t] + r);
+      rad_[t] = static_cast<std::uint32_t>(std::max<std::size_t>(2, (pos_[b + 1] - pos_[b]) / 2));
     }
-    if (!polish(k)) return;
+    bool changed = false, more = true;
+    while (more) {  // coarse to fine
+      more = false;
+      for (std::size_t t = 1; t < k; ++t) {
+        str_[t] = static_cast<std::uint32_t>((rad_[t] + kSide - 1) / kSide);
+        more |= str_[t] > 1;
+      }
+      changed |= polish(k);
+      for (std::size_t t = 1; t < k; ++t) rad_[t] = str_[t];  // next: within a step of the new cut
+    }
+    if (!changed) return;
     for (std::size_t t = 0; t < k; ++t) c_[t] = centroid(s_[t], s_[t + 1]);
     run_lloyd(k, p, &budget);
   }
@@ -1059,10 +1206,10 @@ void KMeans1D<T>::refine(std::size_t k, const KMeans1DParams& p) {
 // centroid (ties, including equal centroids: the lower index).  The squared
 // distance (v - c_t)^2 is unimodal in t, so the values of label t form the
 // range [bnd_[t], bnd_[t+1]) of the sorted values: each boundary is a binary
-// search.  Scatters the labels; returns the SSE.
+// search.  Labels x (label_values); returns the SSE.
 template <class T>
 template <class Label>
-double KMeans1D<T>::finish(std::size_t k, T* centroids, Label* labels) {
+double KMeans1D<T>::finish(std::size_t k, const T* x, std::size_t n, T* centroids, Label* labels) {
   const std::size_t m = m_;
   const double* v = v_.data();
   cs_.resize(k);
@@ -1094,23 +1241,70 @@ double KMeans1D<T>::finish(std::size_t k, T* centroids, Label* labels) {
   double sse = 0;
   for (std::size_t t = 0; t < k; ++t) {
     const double c = cs_[t];
-    double e0 = 0, e1 = 0;
+    double e0 = 0, e1 = 0, e2 = 0, e3 = 0;  // four add chains
     std::size_t g = bnd_[t];
     const std::size_t end = bnd_[t + 1];
-    for (; g + 2 <= end; g += 2) {
+    for (; g + 4 <= end; g += 4) {
       e0 += W_[g] * (v[g] - c) * (v[g] - c);
       e1 += W_[g + 1] * (v[g + 1] - c) * (v[g + 1] - c);
+      e2 += W_[g + 2] * (v[g + 2] - c) * (v[g + 2] - c);
+      e3 += W_[g + 3] * (v[g + 3] - c) * (v[g + 3] - c);
     }
-    if (g < end) e0 += W_[g] * (v[g] - c) * (v[g] - c);
-    sse += e0 + e1;
-    if (labels != nullptr) {
-      const Label l = static_cast<Label>(t);
-      for (std::uint32_t j = gstart_[bnd_[t]], je = gstart_[end]; j < je; ++j) {
-        labels[Radix::index(sorted_[j])] = l;
-      }
-    }
+    for (; g < end; ++g) e0 += W_[g] * (v[g] - c) * (v[g] - c);
+    sse += (e0 + e1) + (e2 + e3);
   }
+  if (labels != nullptr) label_values(x, n, k, labels);
   return sse;
+}
+
+// Label x[0..n) from the boundaries bnd_ of finish(): the values of label t
+// are the distinct values [bnd_[t], bnd_[t+1]), so the label of x is the
+// number of t in 1..k-1 whose first value v_[bnd_[t]] is <= x (an empty label
+// shares its boundary with the next one and is counted with it; a boundary at
+// m counts as +inf).  Exact comparisons of T values, so these are the labels
+// of the binary searches in finish(); no scatter through the sort order.
+// k <= 32: one pass of compares per threshold over blocks of x (vectorises);
+// larger k: a branch-free binary search per value.
+template <class T>
+template <class Label>
+void KMeans1D<T>::label_values(const T* x, std::size_t n, std::size_t k, Label* labels) {
+  const std::size_t m = m_;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  if (k == 1) {
+    std::fill(labels, labels + n, Label(0));
+    return;
+  }
+  std::size_t size = 1;  // thresholds, padded with +inf to a power of two
+  while (size < k - 1) size *= 2;
+  thr_.assign(size, kInf);
+  for (std::size_t t = 1; t < k; ++t) {
+    if (bnd_[t] < m) thr_[t - 1] = static_cast<T>(v_[bnd_[t]]);
+  }
+  const T* thr = thr_.data();
+  if (k <= 32) {
+    constexpr std::size_t kBlock = 64;
+    std::int32_t acc[kBlock];
+    const std::size_t nt = k - 1;
+    auto block = [&](const T* xb, std::size_t len, Label* out) {
+      for (std::size_t u = 0; u < len; ++u) acc[u] = 0;
+      for (std::size_t t = 0; t < nt; ++t) {
+        const T th = thr[t];
+        for (std::size_t u = 0; u < len; ++u) acc[u] += xb[u] >= th ? 1 : 0;
+      }
+      for (std::size_t u = 0; u < len; ++u) out[u] = static_cast<Label>(acc[u]);
+    };
+    std::size_t i = 0;
+    for (; i + kBlock <= n; i += kBlock) block(x + i, kBlock, labels + i);
+    if (i < n) block(x + i, n - i, labels + i);
+    return;
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    const T xi = x[i];
+    std::size_t pos = 0;  // thr[0..pos) <= xi
+    for (std::size_t step = size / 2; step >= 1; step /= 2) pos += thr[pos + step - 1] <= xi ? step : 0;
+    pos += thr[pos] <= xi ? 1 : 0;
+    labels[i] = static_cast<Label>(pos);
+  }
 }
 
 template <class T>
@@ -1149,7 +1343,7 @@ double KMeans1D<T>::fit_row(const T* x, const T* w, std::size_t n, const KMeans1
     init_lloyd(k);
     refine(k, p);
   }
-  return finish(k, centroids, labels);
+  return finish(k, x, n, centroids, labels);
 }
 
 // ---- many rows -------------------------------------------------------------
