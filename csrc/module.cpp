@@ -32,6 +32,5 @@ PYBIND11_MODULE(_C, m) {
   sqllm::bind::init_cuda(m);
   sqllm::bind::init_vq_cuda(m);
   sqllm::bind::init_decode(m);
-
   sqllm::bind::init_glut_cuda(m);
 }

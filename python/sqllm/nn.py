@@ -229,6 +229,7 @@ class _QuantMatmul(torch.autograd.Function):
 
 
 _HAS_BF16: Optional[bool] = None
+_BF16_MIN_ROWS = 4  # bf16 inputs with fewer rows take the fp32 kernel
 
 
 def _has_bf16_matmul() -> bool:
@@ -639,10 +640,12 @@ class QuantLinear(QuantLinearBase):
         codes, tables, sparse = self._cpu_state()
         if x2.requires_grad:
             x2 = x2.detach()
-        if x2.dtype is torch.bfloat16 and self._bf16_path():
-            # bf16 activations: bf16 x bf16 products, fp32 accumulation, the
-            # tables rounded to bf16 (torch's int4 kernel's arithmetic; twice
-            # the multiply-adds per instruction of the fp32 path).
+        if x2.dtype is torch.bfloat16 and x2.shape[0] >= _BF16_MIN_ROWS and self._bf16_path():
+            # bf16 activations from 4 rows on: bf16 x bf16 products, fp32
+            # accumulation, the tables rounded to bf16 (torch's int4 kernel's
+            # arithmetic; twice the multiply-adds per instruction of the fp32
+            # path).  Below 4 rows the fp32 kernels, bound by memory, are faster
+            # (docs/benchmarks.md).
             if not x2.is_contiguous():
                 x2 = x2.contiguous()
             xb = x2.view(torch.int16).numpy().view(np.uint16)

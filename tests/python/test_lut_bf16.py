@@ -124,6 +124,13 @@ def test_quantlinear_bf16_input_takes_the_bf16_path(bias):
     if bias:
         k = k + lin.bias.detach()
     assert torch.equal(y.reshape(-1, 40), k.to(torch.bfloat16))
+    # below 4 rows the fp32 kernel (x converted exactly to fp32)
+    x1 = x[0, :3]
+    k1 = torch.from_numpy(_C.lut_matmul(x1.float().numpy(), q.qweight.numpy().view(np.uint32),
+                                        q.lookup_table.numpy(), 3, 96))
+    if bias:
+        k1 = k1 + lin.bias.detach()
+    assert torch.equal(q(x1), k1.to(torch.bfloat16))
     # and against the float64 reference over the bf16-rounded weights: the fp32
     # bound, one rounding to bf16 of the result, and the tables' rounding to bf16
     w = q.dequantize().double()

@@ -66,7 +66,7 @@ def test_half_inputs_return_input_dtype(dtype):
     # the fp32 accumulation bound.
     eps = torch.finfo(dtype).eps
     bound = ref.abs() * eps + _fp32_bound(x.float(), q.dequantize())
-    if dtype is torch.bfloat16 and q._bf16_path():
+    if dtype is torch.bfloat16 and q._bf16_path() and x.shape[0] >= 4:
         # bf16 inputs on a CPU with AVX512-BF16 multiply in bf16: the tables
         # are rounded to bf16 too (relative 2^-8 per weight; test_lut_bf16.py)
         bound = bound + 2.0 ** -8 * (x.abs().double() @ q.dequantize().abs().double().T)
